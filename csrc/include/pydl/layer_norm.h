@@ -1,0 +1,70 @@
+// Fused LayerNorm family: y = act(LN(x [+ residual]) * weight + bias), normalized over the last
+// dim, and its backward. One set of entry points serves layer_norm, layer_norm_gelu and
+// add_layer_norm (see pydl/ops/layer_norm.py for the public semantics).
+//
+// Shapes (M rows, N = normalized size):
+//   x, residual, dy, dh : (M, N), unit stride along N, any row stride >= N
+//   y, h, dx            : (M, N), contiguous outputs
+//   weight, bias, dweight, dbias : (N,), contiguous, same dtype as x
+//   mean, rstd          : (M,), float32 (float64 when x is float64), contiguous
+#pragma once
+
+#include <cstdint>
+
+#include "pydl/check.h"
+#include "pydl/tensor_view.h"
+
+namespace pydl {
+
+enum class Activation : int32_t {
+  kNone = 0,
+  kGelu = 1,      // 0.5 * z * (1 + erf(z / sqrt(2)))
+  kGeluTanh = 2,  // 0.5 * z * (1 + tanh(sqrt(2/pi) * (z + 0.044715 z^3)))
+};
+
+struct LayerNormFwdArgs {
+  TensorView x;         // (M, N)
+  TensorView residual;  // optional (M, N): the input is h = x + residual
+  TensorView weight;    // optional (N,)
+  TensorView bias;      // optional (N,)
+  TensorView y;         // out (M, N)
+  TensorView h;         // out (M, N), required iff residual is given: x + residual, rounded to dtype
+  TensorView mean;      // out (M,)
+  TensorView rstd;      // out (M,)  1 / sqrt(var + eps), biased variance
+  double eps = 1e-5;
+  Activation act = Activation::kNone;
+};
+
+struct LayerNormBwdArgs {
+  TensorView dy;       // (M, N) gradient of y
+  TensorView dh;       // optional (M, N) gradient of h (add_layer_norm's second output)
+  TensorView x;        // (M, N) the normalized input: x, or h for add_layer_norm
+  TensorView weight;   // optional (N,)
+  TensorView bias;     // optional (N,) (needed to recompute the activation's input)
+  TensorView mean;     // (M,) from the forward
+  TensorView rstd;     // (M,) from the forward
+  TensorView dx;       // out (M, N): dL/dx (also dL/dresidual for add_layer_norm)
+  TensorView dweight;  // optional out (N,)
+  TensorView dbias;    // optional out (N,)
+  // CUDA only: float32 (P, 2 * N) scratch for per-block weight/bias gradient partials, P from
+  // layer_norm_bwd_cuda_num_partials(). Required when dweight or dbias is requested.
+  TensorView workspace;
+  Activation act = Activation::kNone;
+};
+
+// Validates every view (ranks, shapes, dtypes, strides, presence). Throws invalid_argument.
+void validate_layer_norm_fwd(const LayerNormFwdArgs& a, const char* op);
+void validate_layer_norm_bwd(const LayerNormBwdArgs& a, const char* op);
+
+// CPU kernels (csrc/cpu/layer_norm.cpp): float32, bfloat16, float64.
+void layer_norm_fwd_cpu(const LayerNormFwdArgs& a, int num_threads);
+void layer_norm_bwd_cpu(const LayerNormBwdArgs& a, int num_threads);
+
+// CUDA kernels (csrc/cuda/layer_norm.cu): float32, float16, bfloat16. `stream` is a
+// cudaStream_t; the caller has made the tensors' device current.
+void layer_norm_fwd_cuda(const LayerNormFwdArgs& a, void* stream);
+void layer_norm_bwd_cuda(const LayerNormBwdArgs& a, void* stream);
+// Rows P of the backward workspace for an (M, N) problem on the current device (>= 1).
+int64_t layer_norm_bwd_cuda_num_partials(int64_t M, int64_t N);
+
+}  // namespace pydl

@@ -1,0 +1,88 @@
+"""Loads the compiled core ``pydl._C`` and adapts torch tensors to its torch-free interface.
+
+The native core never sees a torch tensor: :func:`view` turns one into a ``TensorView``
+(data pointer, dtype code, sizes, strides). Loading is lazy (first use), cached, and refuses a
+build whose version differs from the Python package's, with the command that rebuilds it.
+"""
+
+from __future__ import annotations
+
+import functools
+from types import ModuleType
+
+import torch
+
+from ._version import __version__
+
+REBUILD_HINT = "rebuild it from the source tree with `pip install .` (or `python setup.py build_ext --inplace`)"
+
+# dtype codes of csrc/include/pydl/dtype.h; never renumber.
+DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.float64: 3}
+
+
+class NativeUnavailableError(RuntimeError):
+    """pydl._C is missing, stale, or lacks the requested device support."""
+
+
+@functools.lru_cache(maxsize=None)
+def _load() -> tuple[ModuleType | None, str | None]:
+    try:
+        from . import _C  # type: ignore[attr-defined]
+    except ImportError as exc:
+        return None, f"pydl._C could not be imported ({exc}); {REBUILD_HINT}"
+    built = getattr(_C, "__version__", "?")
+    if built != __version__:
+        return None, f"pydl._C is a stale build (version {built}, package {__version__}); {REBUILD_HINT}"
+    return _C, None
+
+
+def load_error() -> str | None:
+    """Why the native core cannot be used, or None when it can."""
+    return _load()[1]
+
+
+def module() -> ModuleType:
+    """The loaded ``pydl._C``; raises :class:`NativeUnavailableError` with a rebuild hint."""
+    mod, err = _load()
+    if mod is None:
+        raise NativeUnavailableError(err)
+    return mod
+
+
+def cuda_built() -> bool:
+    mod, _ = _load()
+    return bool(mod is not None and mod.cuda_built)
+
+
+def view(t: torch.Tensor):
+    """A ``_C.TensorView`` of ``t`` (no copy; ``t`` must outlive the kernel call)."""
+    return module().TensorView(t.data_ptr(), DTYPE_CODES[t.dtype], list(t.shape), list(t.stride()))
+
+
+def opt_view(t: torch.Tensor | None):
+    return None if t is None else view(t)
+
+
+def cuda_stream(device: torch.device) -> int:
+    """The current CUDA stream of ``device`` as an integer handle for the launchers."""
+    return torch.cuda.current_stream(device).cuda_stream
+
+
+def num_threads() -> int:
+    """CPU kernels use torch's intra-op thread count, so pydl never oversubscribes next to torch."""
+    return torch.get_num_threads()
+
+
+def info() -> dict:
+    """What was built: version, CUDA support and architectures, or why the core is unusable."""
+    mod, err = _load()
+    if mod is None:
+        return {"version": __version__, "native": False, "error": err, "cuda_built": False, "cuda_archs": ""}
+    return {
+        "version": mod.__version__,
+        "native": True,
+        "error": None,
+        "cuda_built": bool(mod.cuda_built),
+        "cuda_archs": mod.cuda_archs,
+        "path": mod.__file__,
+    }

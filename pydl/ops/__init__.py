@@ -1,0 +1,9 @@
+"""Public functional API: PyTorch custom ops with native, Triton and torch backends.
+
+Each op's module (e.g. ``pydl.ops.layer_norm``, importable as
+``from pydl.ops.layer_norm import ...``) also holds its float64 reference ``<op>_ref``.
+"""
+
+from .layer_norm import add_layer_norm, add_layer_norm_ref, layer_norm, layer_norm_gelu, layer_norm_ref
+
+__all__ = ["add_layer_norm", "add_layer_norm_ref", "layer_norm", "layer_norm_gelu", "layer_norm_ref"]
