@@ -8,6 +8,9 @@ build whose version differs from the Python package's, with the command that reb
 from __future__ import annotations
 
 import functools
+import importlib.util
+import os
+import sys
 from types import ModuleType
 
 import torch
@@ -24,10 +27,26 @@ class NativeUnavailableError(RuntimeError):
     """pydl._C is missing, stale, or lacks the requested device support."""
 
 
+def _import_core() -> ModuleType:
+    """``pydl._C``, or the build named by $PYDL_NATIVE_LIB (e.g. the sanitizer build in CI)."""
+    path = os.environ.get("PYDL_NATIVE_LIB")
+    if not path:
+        from . import _C  # type: ignore[attr-defined]
+
+        return _C
+    spec = importlib.util.spec_from_file_location("pydl._C", path)
+    if spec is None or spec.loader is None:
+        raise ImportError(f"PYDL_NATIVE_LIB={path} is not a loadable extension")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    sys.modules["pydl._C"] = mod
+    return mod
+
+
 @functools.lru_cache(maxsize=None)
 def _load() -> tuple[ModuleType | None, str | None]:
     try:
-        from . import _C  # type: ignore[attr-defined]
+        _C = _import_core()
     except ImportError as exc:
         return None, f"pydl._C could not be imported ({exc}); {REBUILD_HINT}"
     built = getattr(_C, "__version__", "?")

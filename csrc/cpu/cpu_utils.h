@@ -13,17 +13,59 @@
 #include "pydl/dtype.h"
 #include "vec_math.h"
 
-// Compiles the marked function once per instruction set and picks one at load time (ifunc).
-// Kernels are built for the baseline x86-64 ISA, so without this they would never use AVX.
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && defined(__linux__) && \
-    !defined(PYDL_NO_CLONES)
-#define PYDL_CPU_CLONES __attribute__((target_clones("arch=skylake-avx512", "arch=haswell", "default")))
+// Row kernels are compiled once per instruction-set level and chosen at run time (the package
+// is built for baseline x86-64, so without this the kernels would never use AVX). Dispatch is
+// explicit: GCC's target_clones("arch=...") matches CPU *models* and would send e.g. AMD Zen 4
+// to the baseline version.
+#if defined(__x86_64__) && defined(__GNUC__)
+#define PYDL_HAVE_ISA_LEVELS 1
+#define PYDL_TARGET_AVX512 __attribute__((target("avx512f,avx512vl,avx512bw,avx512dq,avx2,fma,bmi2,f16c")))
+#define PYDL_TARGET_AVX2 __attribute__((target("avx2,fma,bmi2,f16c")))
 #else
-#define PYDL_CPU_CLONES
+#define PYDL_HAVE_ISA_LEVELS 0
 #endif
 
 namespace pydl {
 namespace cpu {
+
+enum class IsaLevel { kBaseline, kAvx2, kAvx512 };
+
+inline IsaLevel isa_level() {
+#if PYDL_HAVE_ISA_LEVELS
+  static const IsaLevel level = [] {
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
+        __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq") &&
+        __builtin_cpu_supports("fma")) {
+      return IsaLevel::kAvx512;
+    }
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return IsaLevel::kAvx2;
+    return IsaLevel::kBaseline;
+  }();
+  return level;
+#else
+  return IsaLevel::kBaseline;
+#endif
+}
+
+// Defines `name` for each ISA level from one body and a dispatcher `name(args...)` that calls
+// the best one this CPU runs. Usage: PYDL_ISA_DISPATCH(ret, name, (params), (args), body-call).
+#if PYDL_HAVE_ISA_LEVELS
+#define PYDL_ISA_DISPATCH(name, params, args, body)                      \
+  PYDL_TARGET_AVX512 void name##_avx512 params { body; }                 \
+  PYDL_TARGET_AVX2 void name##_avx2 params { body; }                     \
+  void name##_baseline params { body; }                                  \
+  void name params {                                                     \
+    switch (::pydl::cpu::isa_level()) {                                  \
+      case ::pydl::cpu::IsaLevel::kAvx512: return name##_avx512 args;    \
+      case ::pydl::cpu::IsaLevel::kAvx2: return name##_avx2 args;        \
+      default: return name##_baseline args;                              \
+    }                                                                    \
+  }
+#else
+#define PYDL_ISA_DISPATCH(name, params, args, body) \
+  void name params { body; }
+#endif
 
 // Accumulation type: float for the 16/32-bit types, double for double.
 template <typename T>

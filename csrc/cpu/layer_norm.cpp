@@ -7,9 +7,8 @@
 // Backward, per row: recompute xhat and the activation's input, fuse the weight/bias gradient
 // accumulation (per-thread partial rows, reduced in a fixed order: deterministic) with the two
 // row sums, then one pass that writes dx.
-// The row loops are compiled per ISA (PYDL_CPU_CLONES) and vectorize through `omp simd`.
+// The row loops are compiled per ISA level (cpu_utils.h) and vectorize through `omp simd`.
 #include <cmath>
-#include <utility>
 #include <vector>
 
 #include "cpu_utils.h"
@@ -151,28 +150,26 @@ PYDL_INLINE void bwd_rows_any(const LayerNormBwdArgs& a, const acc_t<T>* w, cons
   }
 }
 
-// One non-template entry per storage type: target_clones applies to plain functions only.
+// One entry per storage type and ISA level (cpu_utils.h); the templates above are
+// always_inline, so each level's body is compiled for that level's instructions.
+template <typename T>
+struct RowKernels;  // RowKernels<T>::fwd / ::bwd run the best ISA level for storage type T
+
 #define PYDL_LN_ROW_KERNELS(T, suffix)                                                        \
-  PYDL_CPU_CLONES void fwd_rows_##suffix(const LayerNormFwdArgs& a, const acc_t<T>* w,       \
-                                         const acc_t<T>* b, int64_t r0, int64_t r1,          \
-                                         acc_t<T>* row) {                                    \
-    fwd_rows_any<T>(a, w, b, r0, r1, row);                                                   \
-  }                                                                                          \
-  PYDL_CPU_CLONES void bwd_rows_##suffix(const LayerNormBwdArgs& a, const acc_t<T>* w,       \
-                                         const acc_t<T>* b, int64_t r0, int64_t r1,          \
-                                         acc_t<T>* scratch, acc_t<T>* dw, acc_t<T>* db) {    \
-    bwd_rows_any<T>(a, w, b, r0, r1, scratch, dw, db);                                       \
-  }                                                                                          \
+  PYDL_ISA_DISPATCH(fwd_rows_##suffix,                                                       \
+                    (const LayerNormFwdArgs& a, const acc_t<T>* w, const acc_t<T>* b,        \
+                     int64_t r0, int64_t r1, acc_t<T>* row),                                 \
+                    (a, w, b, r0, r1, row), fwd_rows_any<T>(a, w, b, r0, r1, row))           \
+  PYDL_ISA_DISPATCH(bwd_rows_##suffix,                                                       \
+                    (const LayerNormBwdArgs& a, const acc_t<T>* w, const acc_t<T>* b,        \
+                     int64_t r0, int64_t r1, acc_t<T>* scratch, acc_t<T>* dw, acc_t<T>* db), \
+                    (a, w, b, r0, r1, scratch, dw, db),                                      \
+                    bwd_rows_any<T>(a, w, b, r0, r1, scratch, dw, db))                       \
   template <>                                                                                \
   struct RowKernels<T> {                                                                     \
-    template <typename... Args>                                                              \
-    static void fwd(Args&&... args) { fwd_rows_##suffix(std::forward<Args>(args)...); }       \
-    template <typename... Args>                                                              \
-    static void bwd(Args&&... args) { bwd_rows_##suffix(std::forward<Args>(args)...); }       \
+    static constexpr auto fwd = &fwd_rows_##suffix;                                          \
+    static constexpr auto bwd = &bwd_rows_##suffix;                                          \
   };
-
-template <typename T>
-struct RowKernels;  // RowKernels<T>::fwd / ::bwd call the per-ISA clones for storage type T
 
 PYDL_LN_ROW_KERNELS(float, f32)
 PYDL_LN_ROW_KERNELS(double, f64)

@@ -3,7 +3,7 @@
 // vectorization; these stay within a few float ulps of libm on the ranges GELU uses.
 //
 // Every helper is always_inline so that it is compiled for the instruction set of the
-// target_clones function that calls it (see PYDL_CPU_CLONES in csrc/cpu/cpu_utils.h).
+// per-ISA function that calls it (see PYDL_ISA_DISPATCH in csrc/cpu/cpu_utils.h).
 #pragma once
 
 #include <cmath>
