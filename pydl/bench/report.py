@@ -252,7 +252,8 @@ def markdown(rows: list, meta: dict, compare_result: Optional[dict] = None,
             bcell = ""
             if best is not None:
                 pct = _num(best.get("pct_of_ceiling"))
-                bcell = f"{_num(best['value']):.0f}" + (f" ({pct:.0f}%)" if pct is not None else "") \
+                v = _num(best["value"])
+                bcell = (f"{v:.0f}" if v >= 100 else f"{v:.3g}") + (f" ({pct:.0f}%)" if pct is not None else "") \
                     + f" {best['provider'].replace('pydl-', '')}"
             cells = [shape] + [_md_escape(_md_cell(per.get(p))) for p in providers] + [bcell]
             out.append("| " + " | ".join(cells) + " |")
@@ -312,6 +313,10 @@ def plots(rows: list, outdir: str) -> tuple:
             if copy.get(dev):
                 ax.axhline(copy[dev], color="gray", linestyle="--", label="copy ceiling")
             ax.set_xscale("log", base=2)
+            ns = sorted({p[0] for pts in provs.values() for p in pts})
+            ax.set_xticks(ns)
+            ax.set_xticklabels([str(n) for n in ns], rotation=45, fontsize=7)
+            ax.minorticks_off()
             ax.set_xlabel("N (normalized size)")
             ax.set_ylabel("GB/s")
             ax.set_title(f"{op} {mode} ({dtype}, {dev})")

@@ -9,6 +9,7 @@ Suites are imported lazily, so a broken suite cannot break the others or the CLI
 from __future__ import annotations
 
 import importlib
+import time
 from dataclasses import dataclass, field
 from types import ModuleType
 from typing import Callable, Optional
@@ -21,6 +22,8 @@ from ..timing import Measurement, TimingPolicy
 _SUITES = {
     "layer_norm": "pydl.bench.suites.layer_norm",
 }
+
+TIME_LIMIT_NOTE = "not run: --time-limit-s reached"
 
 # Record.status values.
 OK, MISMATCH, SKIPPED, ERROR = "ok", "mismatch", "skipped", "error"
@@ -41,6 +44,10 @@ class SuiteConfig:
     ops: Optional[list] = None        # filter: op names to run
     log: Callable[[str], None] = field(default=lambda msg: None)
     seed: int = 0
+    deadline: Optional[float] = None  # time.monotonic() after which remaining points are skipped
+
+    def out_of_time(self) -> bool:
+        return self.deadline is not None and time.monotonic() > self.deadline
 
 
 @dataclass
@@ -57,7 +64,6 @@ class Record:
     status: str = OK
     note: str = ""
     measurement: Optional[Measurement] = None
-    flops: float = 0.0         # for compute-bound suites; 0 = report GB/s only
 
 
 def names() -> list:

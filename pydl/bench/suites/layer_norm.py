@@ -21,15 +21,14 @@ Bytes that must move (e = element size of the dtype, s = 4-byte float32 row stat
 
 from __future__ import annotations
 
-import gc
-import math
+import contextlib
 from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
 
 from ..timing import time_fn
-from . import COMPILE, EAGER, ERROR, MISMATCH, OK, SKIPPED, Record, SuiteConfig
+from . import COMPILE, EAGER, ERROR, MISMATCH, OK, SKIPPED, TIME_LIMIT_NOTE, Record, SuiteConfig
 
 NAME = "layer_norm"
 OPS = ("layer_norm", "layer_norm_gelu", "add_layer_norm")
@@ -177,33 +176,105 @@ def _leaves(inputs):
 
 
 # ----------------------------------------------------------------------------- correctness
+#
+# The gate compares every provider with torch eager. In float32 the reference is torch eager in
+# float32. In bfloat16 / float16 it is torch eager on the same (rounded) inputs upcast to float32,
+# and each tensor's tolerance also admits twice torch eager's own error in that dtype
+# (DESIGN §7): torch's low-precision CPU weight/bias-gradient reductions are measurably less
+# accurate than a float32-accumulating kernel, so "equal to torch in bf16" would flag correct
+# kernels.
+
+OUT_NAMES = ("y", "h")
+
+
+def grad_names(op: str) -> tuple:
+    return ("dx", "dr", "dw", "db") if op == "add_layer_norm" else ("dx", "dw", "db")
+
 
 def tolerances(dtype: torch.dtype):
-    """(relative-norm tol, elementwise atol, elementwise rtol) against torch eager, same dtype."""
+    """(relative-norm floor, elementwise atol, elementwise rtol) of the gate."""
     if dtype in (torch.float32, torch.float64):
         return 1e-4, 1e-3, 1e-3
-    return 2e-2, 1 / 16, 1 / 16
+    return 1e-2, 1 / 16, 1 / 16
 
 
-def compare(name: str, out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype) -> Optional[str]:
-    """None when ``out`` matches ``ref`` loosely; else a short reason."""
+def _errors(out: torch.Tensor, ref: torch.Tensor) -> tuple:
+    """(‖out − ref‖ / ‖ref‖, max |out − ref|), in float32."""
+    d = (out.detach().float() - ref.detach().float()).abs_()
+    return float(d.norm() / ref.detach().float().norm().clamp_min(1e-30)), float(d.max())
+
+
+def compare(name: str, out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype,
+            own: Optional[tuple] = None, reduction: bool = False) -> Optional[str]:
+    """None when ``out`` (in ``dtype``) matches ``ref`` loosely; else a short reason.
+
+    own: (rel, max abs) error of torch eager in ``dtype`` against the same ``ref``; twice it is
+        always admitted. None: torch eager is the reference itself.
+    reduction: ``ref`` is a sum over rows (dweight, dbias): its rounding error scales with the
+        partial sums, so the elementwise atol is scaled by max|ref|.
+    """
     if out is None:
         return f"{name}: missing"
     if out.shape != ref.shape:
         return f"{name}: shape {tuple(out.shape)} != {tuple(ref.shape)}"
-    if out.dtype != ref.dtype:
-        return f"{name}: dtype {out.dtype} != {ref.dtype}"
-    rel_tol, atol, rtol = tolerances(dtype)
+    if out.dtype != dtype:
+        return f"{name}: dtype {out.dtype} != {dtype}"
+    rel_floor, atol, rtol = tolerances(dtype)
+    own_rel, own_max = own if own is not None else (0.0, 0.0)
+    rel_tol = max(rel_floor, 2 * own_rel)
     o, r = out.detach().float(), ref.detach().float()
     if not bool(torch.isfinite(o).all()):
         return f"{name}: non-finite values"
     diff = (o - r).abs_()
     rel = float(diff.norm() / r.norm().clamp_min(1e-30))
-    bad = diff > atol + rtol * r.abs()
+    if reduction:
+        atol = atol * max(1.0, float(r.abs().max()))
+    bad = diff > (atol + 2 * own_max) + rtol * r.abs()
     nbad = int(bad.sum())
     if rel > rel_tol or nbad:
-        return f"{name}: rel={rel:.2e} (tol {rel_tol:.0e}); {nbad} elements off; max|diff|={float(diff.max()):.3g}"
+        return (f"{name}: rel={rel:.2e} (tol {rel_tol:.1e}); {nbad} elements off; "
+                f"max|diff|={float(diff.max()):.3g}")
     return None
+
+
+class Reference:
+    """What the gate compares with, for one op / shape / dtype (see the note above)."""
+
+    def __init__(self, op: str, inputs, grads, dtype: torch.dtype, want_grad: bool):
+        self.dtype = dtype
+        self.grad_names = grad_names(op)
+        fn = eager_fn(op)
+        low = dtype in (torch.float16, torch.bfloat16)
+        hi_inputs = tuple(t.float() for t in inputs) if low else inputs
+        hi_grads = tuple(g.float() for g in grads) if low else grads
+        self.out, self.grads = _eager_results(fn, hi_inputs, hi_grads, want_grad)
+        self.own = {}
+        if low:  # torch eager's own error in this dtype, per tensor
+            out, got = _eager_results(fn, inputs, grads, want_grad)
+            for nm, a, b in zip(OUT_NAMES, out, self.out):
+                self.own[nm] = _errors(a, b)
+            for nm, a, b in zip(self.grad_names, got or (), self.grads or ()):
+                self.own[nm] = _errors(a, b)
+
+    def check_out(self, outs) -> list:
+        reasons = [compare(nm, o, r, self.dtype, self.own.get(nm))
+                   for nm, o, r in zip(OUT_NAMES, outs, self.out)]
+        if len(outs) != len(self.out):
+            reasons.append(f"{len(outs)} outputs, expected {len(self.out)}")
+        return [r for r in reasons if r]
+
+    def check_grads(self, got) -> list:
+        reasons = [compare(nm, o, r, self.dtype, self.own.get(nm), reduction=nm in ("dw", "db"))
+                   for nm, o, r in zip(self.grad_names, got, self.grads)]
+        return [r for r in reasons if r]
+
+
+def _eager_results(fn, inputs, grads, want_grad):
+    out = tuple(t.detach() for t in fn(*inputs))
+    if not want_grad:
+        return out, None
+    leaves = _leaves(inputs)
+    return out, torch.autograd.grad(fn(*leaves), leaves, grads)
 
 
 # ------------------------------------------------------------------------------------- run
@@ -216,30 +287,22 @@ def _provider_fn(provider: str, op: str) -> Callable:
     return pydl_fn(op, provider.split("-", 1)[1])
 
 
-def _check(fn, inputs, grads, ref_out, ref_grads, dtype, want_grad):
+def _check(fn, inputs, grads, ref: Reference, want_grad):
     """(fwd_status, fwd_note, grad_status, grad_note); statuses OK / MISMATCH / SKIPPED / ERROR.
 
     A call that raises is ERROR for pydl providers; the caller maps torch-compile's to SKIPPED.
     """
     try:
-        outs = fn(*inputs)
-        reasons = [compare(nm, o, r, dtype) for nm, o, r in zip(("y", "h"), outs, ref_out)]
-        reasons = [r for r in reasons if r]
+        reasons = ref.check_out(fn(*inputs))
         fwd = (MISMATCH, "; ".join(reasons)) if reasons else (OK, "")
-        del outs
     except Exception as exc:
         fwd = (ERROR, _short(exc))
     grad = (SKIPPED, "not requested")
     if want_grad:
         try:
             leaves = _leaves(inputs)
-            outs = fn(*leaves)
-            got = torch.autograd.grad(outs, leaves, grads)
-            names = ("dx", "dr", "dw", "db") if len(leaves) == 4 else ("dx", "dw", "db")
-            reasons = [compare(nm, o, r, dtype) for nm, o, r in zip(names, got, ref_grads)]
-            reasons = [r for r in reasons if r]
+            reasons = ref.check_grads(torch.autograd.grad(fn(*leaves), leaves, grads))
             grad = (MISMATCH, "; ".join(reasons)) if reasons else (OK, "")
-            del outs, got
         except Exception as exc:
             grad = (ERROR, _short(exc))
     return fwd[0], fwd[1], grad[0], grad[1]
@@ -257,24 +320,43 @@ def _timed_fn(mode: str, fn: Callable, inputs, grads) -> Callable:
     raise ValueError(f"unknown mode {mode!r}")
 
 
-def _raise_compile_limits() -> None:
-    # Each shape is its own compile; keep dynamo from falling back to eager after N recompiles.
-    cfg = torch._dynamo.config
-    for attr in ("cache_size_limit", "recompile_limit", "accumulated_cache_size_limit",
-                 "accumulated_recompile_limit"):
-        if hasattr(cfg, attr):
-            setattr(cfg, attr, max(getattr(cfg, attr), 256))
+def _compile_settings() -> contextlib.ExitStack:
+    """Dynamo/AOTAutograd settings for the torch-compile provider, restored on exit.
+
+    - Each shape is its own compile: raise the recompile limits so dynamo never silently falls
+      back to eager after a few shapes.
+    - Donated buffers off: a backward compiled with donated buffers refuses
+      ``retain_graph=True``, which the bwd mode needs to replay one graph. (Donation only saves
+      memory by reusing saved activations; it moves no fewer bytes.)
+    """
+    stack = contextlib.ExitStack()
+    dyn = torch._dynamo.config
+    limits = {a: max(getattr(dyn, a), 256) for a in ("cache_size_limit", "recompile_limit",
+              "accumulated_cache_size_limit", "accumulated_recompile_limit") if hasattr(dyn, a)}
+    stack.enter_context(dyn.patch(**limits))
+    try:
+        import torch._functorch.config as functorch_config
+
+        if hasattr(functorch_config, "donated_buffer"):
+            stack.enter_context(functorch_config.patch(donated_buffer=False))
+    except ImportError:  # older torch: no donated buffers
+        pass
+    return stack
 
 
 def run(cfg: SuiteConfig) -> list:
+    providers = [p for p in PROVIDERS if not cfg.providers or p in cfg.providers]
+    with (_compile_settings() if COMPILE in providers else contextlib.nullcontext()):
+        return _run(cfg, providers)
+
+
+def _run(cfg: SuiteConfig, providers: list) -> list:
     device = cfg.device
     ops = [o for o in OPS if not cfg.ops or o in cfg.ops]
-    providers = [p for p in PROVIDERS if not cfg.providers or p in cfg.providers]
     shapes = cfg.shapes or default_shapes(device, cfg.quick)
     modes = [m for m in MODES if m in cfg.modes]
     want_grad = any(m != "fwd" for m in modes)
     avail = _Availability()
-    _raise_compile_limits()
     records = []
 
     for dtype in cfg.dtypes:
@@ -290,8 +372,21 @@ def run(cfg: SuiteConfig) -> list:
                                           bytes_moved=bytes_moved(op, mode, m, n, elem),
                                           status=status, note=note, measurement=meas))
 
-                _run_point(cfg, op, m, n, dtype, providers, modes, want_grad, avail, rec)
-                gc.collect()
+                if cfg.out_of_time():
+                    for p in providers:
+                        for mode in modes:
+                            rec(p, mode, SKIPPED, TIME_LIMIT_NOTE)
+                    continue
+                before = len(records)
+                try:
+                    _run_point(cfg, op, m, n, dtype, providers, modes, want_grad, avail, rec)
+                except Exception as exc:  # e.g. out of memory making inputs: record, go on
+                    done = {(r.provider, r.mode) for r in records[before:]}
+                    for p in providers:
+                        for mode in modes:
+                            if (p, mode) not in done:
+                                rec(p, mode, ERROR, _short(exc))
+                    cfg.log(f"[{NAME}] {op} {shape} {dname}: error: {_short(exc)}")
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
     return records
@@ -303,14 +398,7 @@ def _run_point(cfg, op, m, n, dtype, providers, modes, want_grad, avail, rec):
     tag = f"[{NAME}] {op} {shape} {str(dtype).replace('torch.', '')}"
     inputs, grads = make_inputs(op, m, n, dtype, device, seed=cfg.seed + m * 7919 + n)
 
-    # Reference: torch eager in the same dtype.
-    ref_fn = eager_fn(op)
-    ref_out = tuple(t.detach() for t in ref_fn(*inputs))
-    ref_grads = None
-    if want_grad:
-        leaves = _leaves(inputs)
-        ref_grads = torch.autograd.grad(ref_fn(*leaves), leaves, grads)
-        del leaves
+    ref = Reference(op, inputs, grads, dtype, want_grad)
 
     # Correctness gate, provider by provider (this call also compiles / autotunes).
     fns, gate = {}, {}
@@ -325,14 +413,16 @@ def _run_point(cfg, op, m, n, dtype, providers, modes, want_grad, avail, rec):
         except Exception as exc:
             gate[p] = (SKIPPED, _short(exc), SKIPPED, _short(exc))
             continue
-        st = _check(fns[p], inputs, grads, ref_out, ref_grads, dtype, want_grad)
+        st = _check(fns[p], inputs, grads, ref, want_grad)
         if p == COMPILE:  # a compile failure is recorded as skipped, not as an error
-            fs, fnote, gs, gnote = st
-            st = (SKIPPED if fs == ERROR else fs, ("compile failed: " + fnote) if fs == ERROR else fnote,
-                  SKIPPED if gs == ERROR else gs, ("compile failed: " + gnote) if gs == ERROR else gnote)
+            st = (*_compile_failure(st[0], st[1]), *_compile_failure(st[2], st[3]))
         gate[p] = st
-    del ref_out, ref_grads
+    del ref
     _time_all(cfg, tag, providers, modes, fns, gate, inputs, grads, rec)
+
+
+def _compile_failure(status: str, note: str) -> tuple:
+    return (SKIPPED, "compile failed: " + note) if status == ERROR else (status, note)
 
 
 def _time_all(cfg, tag, providers, modes, fns, gate, inputs, grads, rec):
