@@ -286,8 +286,8 @@ def layer_norm_bwd(dy: Tensor, dh: Optional[Tensor], x: Tensor, weight: Optional
     """(dx, dweight, dbias); dweight/dbias are empty when not requested. x is the normalized input."""
     dx, dw, db = _BWD[backend](_rows(dy), _rows(dh), _rows(x), weight, bias, mean, rstd, activation,
                                need_weight_grad, need_bias_grad)
-    empty = x.new_empty(0)
-    return dx.view(x.shape), (dw if dw is not None else empty), (db if db is not None else empty)
+    # Distinct empty tensors: custom op outputs must not alias each other.
+    return dx.view(x.shape), (dw if dw is not None else x.new_empty(0)), (db if db is not None else x.new_empty(0))
 
 
 @layer_norm_bwd.register_fake

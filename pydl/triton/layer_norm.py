@@ -98,6 +98,22 @@ def _act_grad(z, ACT: tl.constexpr):
     return d
 
 
+@triton.jit
+def _cast_out(v, PTR, SOFT_RNE: tl.constexpr):
+    """Cast v (float32/64) to PTR's element type, rounding to nearest even.
+
+    Compiled kernels round natively.  The Triton interpreter truncates fp32 -> bf16, so with
+    SOFT_RNE (set by the host for CPU tensors) bf16 rounding is done on the bits first.
+    """
+    if SOFT_RNE:
+        if PTR.dtype.element_ty == tl.bfloat16:
+            v = v.to(tl.float32)
+            u = v.to(tl.uint32, bitcast=True)
+            u = ((u + (0x7FFF + ((u >> 16) & 1))) >> 16) << 16
+            v = tl.where(v != v, v, u.to(tl.float32, bitcast=True))
+    return v.to(PTR.dtype.element_ty)
+
+
 # ---------------------------------------------------------------------------------------
 # forward
 # ---------------------------------------------------------------------------------------
@@ -106,7 +122,7 @@ def _ln_fwd_fused_kernel(
     X, R, H, Y, W, B, MEAN, RSTD,  # X (M, N) row stride stride_x; R stride_r; H, Y (M, N) contiguous
     stride_x, stride_r, M, N, eps,
     HAS_RES: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr, ACT: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SOFT_RNE: tl.constexpr,
 ):
     acc_ty = MEAN.dtype.element_ty
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)  # (BLOCK_M,)
@@ -120,18 +136,22 @@ def _ln_fwd_fused_kernel(
     if HAS_RES:
         r = tl.load(R + rows64[:, None] * stride_r + cols[None, :], mask=mask, other=0.0)
         # round h to the storage dtype first and normalize the rounded value, like torch
-        x = (x.to(acc_ty) + r.to(acc_ty)).to(H.dtype.element_ty)
+        x = _cast_out(x.to(acc_ty) + r.to(acc_ty), H, SOFT_RNE)
         tl.store(H + rows64[:, None] * N + cols[None, :], x, mask=mask)
     xf = x.to(acc_ty)
 
-    mean = tl.sum(xf, axis=1) / N  # (BLOCK_M,)
-    xc = tl.where(mask, xf - mean[:, None], 0.0)
-    var = tl.sum(xc * xc, axis=1) / N
+    # corrected two-pass (Chan, Golub, LeVeque): the second pass also sums the deviations,
+    # fixing the rounding error of the first mean (matters when |mean| >> std)
+    mean0 = tl.sum(xf, axis=1) / N  # (BLOCK_M,)
+    xc = tl.where(mask, xf - mean0[:, None], 0.0)
+    corr = tl.sum(xc, axis=1) / N
+    var = tl.sum(xc * xc, axis=1) / N - corr * corr
+    var = tl.where(var < 0.0, 0.0, var)  # clamp rounding below 0; NaN passes through
     rstd = 1.0 / tl.sqrt(var + eps)
-    tl.store(MEAN + rows, mean, mask=rmask)
+    tl.store(MEAN + rows, mean0 + corr, mask=rmask)
     tl.store(RSTD + rows, rstd, mask=rmask)
 
-    z = xc * rstd[:, None]
+    z = (xc - corr[:, None]) * rstd[:, None]
     if HAS_W:
         w = tl.load(W + cols, mask=cmask, other=0.0).to(acc_ty)
         z = z * w[None, :]
@@ -139,14 +159,14 @@ def _ln_fwd_fused_kernel(
         b = tl.load(B + cols, mask=cmask, other=0.0).to(acc_ty)
         z = z + b[None, :]
     y = _act_fwd(z, ACT)
-    tl.store(Y + rows64[:, None] * N + cols[None, :], y.to(Y.dtype.element_ty), mask=mask)
+    tl.store(Y + rows64[:, None] * N + cols[None, :], _cast_out(y, Y, SOFT_RNE), mask=mask)
 
 
 @triton.jit
 def _ln_fwd_stats_chunked_kernel(
     X, R, H, MEAN, RSTD,  # one program per row
     stride_x, stride_r, N, eps,
-    HAS_RES: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_RES: tl.constexpr, BLOCK_N: tl.constexpr, SOFT_RNE: tl.constexpr,
 ):
     acc_ty = MEAN.dtype.element_ty
     row = tl.program_id(0)
@@ -162,14 +182,17 @@ def _ln_fwd_stats_chunked_kernel(
         x = tl.load(X + row64 * stride_x + c, mask=cm, other=0.0)
         if HAS_RES:
             r = tl.load(R + row64 * stride_r + c, mask=cm, other=0.0)
-            x = (x.to(acc_ty) + r.to(acc_ty)).to(H.dtype.element_ty)
+            x = _cast_out(x.to(acc_ty) + r.to(acc_ty), H, SOFT_RNE)
             tl.store(H + row64 * N + c, x, mask=cm)
         xf = x.to(acc_ty)
-        # exact two-pass stats of this chunk, then Chan et al.'s pairwise combination
+        # corrected two-pass stats of this chunk, then Chan et al.'s pairwise combination
         nb = tl.sum(cm.to(acc_ty), axis=0)
-        mb = tl.sum(xf, axis=0) / nb
-        d = tl.where(cm, xf - mb, 0.0)
-        m2b = tl.sum(d * d, axis=0)
+        mb0 = tl.sum(xf, axis=0) / nb
+        d = tl.where(cm, xf - mb0, 0.0)
+        sd = tl.sum(d, axis=0)
+        mb = mb0 + sd / nb
+        m2b = tl.sum(d * d, axis=0) - sd * sd / nb
+        m2b = tl.where(m2b < 0.0, 0.0, m2b)  # NaN passes through
         delta = mb - mean
         tot = cnt + nb
         mean = mean + delta * (nb / tot)
@@ -185,6 +208,7 @@ def _ln_fwd_apply_chunked_kernel(
     X, Y, W, B, MEAN, RSTD,  # grid (M, cdiv(N, BLOCK_N)); X is h (contiguous) for the add variant
     stride_x, N,
     HAS_W: tl.constexpr, HAS_B: tl.constexpr, ACT: tl.constexpr, BLOCK_N: tl.constexpr,
+    SOFT_RNE: tl.constexpr,
 ):
     acc_ty = MEAN.dtype.element_ty
     row = tl.program_id(0)
@@ -200,7 +224,7 @@ def _ln_fwd_apply_chunked_kernel(
     if HAS_B:
         z = z + tl.load(B + c, mask=cm, other=0.0).to(acc_ty)
     y = _act_fwd(z, ACT)
-    tl.store(Y + row64 * N + c, y.to(Y.dtype.element_ty), mask=cm)
+    tl.store(Y + row64 * N + c, _cast_out(y, Y, SOFT_RNE), mask=cm)
 
 
 # ---------------------------------------------------------------------------------------
@@ -212,7 +236,7 @@ def _ln_bwd_fused_kernel(
     stride_x, stride_dy, stride_dh, M, N,
     HAS_DH: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr, ACT: tl.constexpr,
     STORE_DW: tl.constexpr, STORE_DB: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SOFT_RNE: tl.constexpr,
 ):
     acc_ty = MEAN.dtype.element_ty
     pid = tl.program_id(0)
@@ -256,7 +280,7 @@ def _ln_bwd_fused_kernel(
         if HAS_DH:
             dh = tl.load(DH + rows64[:, None] * stride_dh + cols[None, :], mask=mask, other=0.0)
             dx = dx + dh.to(acc_ty)
-        tl.store(DX + rows64[:, None] * N + cols[None, :], dx.to(DX.dtype.element_ty), mask=mask)
+        tl.store(DX + rows64[:, None] * N + cols[None, :], _cast_out(dx, DX, SOFT_RNE), mask=mask)
         if STORE_DW:
             dw_acc += tl.sum(g * xhat, axis=0)
         if STORE_DB:
@@ -315,6 +339,7 @@ def _ln_bwd_apply_chunked_kernel(
     stride_x, stride_dy, stride_dh, M, N,
     HAS_DH: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr, ACT: tl.constexpr,
     STORE_DW: tl.constexpr, STORE_DB: tl.constexpr, BLOCK_N: tl.constexpr,
+    SOFT_RNE: tl.constexpr,
 ):
     acc_ty = MEAN.dtype.element_ty
     pid = tl.program_id(0)
@@ -327,8 +352,9 @@ def _ln_bwd_apply_chunked_kernel(
         b = tl.load(B + c, mask=cm, other=0.0).to(acc_ty)
     dw_acc = tl.zeros([BLOCK_N], dtype=acc_ty)
     db_acc = tl.zeros([BLOCK_N], dtype=acc_ty)
-    for row in range(pid, M, nprog):
-        row64 = row.to(tl.int64)
+    # int64 induction variable (row * stride may exceed 2^31); a plain int in the interpreter
+    for row64 in range(pid.to(tl.int64), M, nprog.to(tl.int64)):
+        row = row64
         mean = tl.load(MEAN + row)
         rstd = tl.load(RSTD + row)
         c1 = tl.load(C1 + row)
@@ -353,7 +379,7 @@ def _ln_bwd_apply_chunked_kernel(
         dx = rstd * (dxhat - c1 - xhat * c2)
         if HAS_DH:
             dx = dx + tl.load(DH + row64 * stride_dh + c, mask=cm, other=0.0).to(acc_ty)
-        tl.store(DX + row64 * N + c, dx.to(DX.dtype.element_ty), mask=cm)
+        tl.store(DX + row64 * N + c, _cast_out(dx, DX, SOFT_RNE), mask=cm)
         if STORE_DW:
             dw_acc += g * xhat
         if STORE_DB:
@@ -370,6 +396,12 @@ def _ln_bwd_apply_chunked_kernel(
 def _num_warps(elems: int, per_warp: int) -> int:
     """Power-of-two warp count giving about ``per_warp`` elements per warp, in [1, 16]."""
     return max(1, min(16, elems // per_warp))
+
+
+def _programs_per_sm(num_warps: int) -> int:
+    """Persistent backward programs per SM: about 16 resident warps, so that all of them
+    run in a single wave (a second, partial wave would double the time)."""
+    return max(1, min(8, 16 // num_warps))
 
 
 def _row_block(block_n: int, M: int) -> int:
@@ -448,6 +480,7 @@ def layer_norm_fwd(x, residual, weight, bias, eps: float, activation: int):
     w = weight if weight is not None else x
     b = bias if bias is not None else x
     sx, sr = _row_stride(x), _row_stride(r)
+    soft_rne = not x.is_cuda  # Triton interpreter: its fp32->bf16 cast truncates
     block_n = triton.next_power_of_2(N)
     with _device_ctx(x):
         if block_n <= FWD_MAX_TILE:
@@ -460,7 +493,7 @@ def layer_norm_fwd(x, residual, weight, bias, eps: float, activation: int):
             _ln_fwd_fused_kernel[grid](
                 x, r, hh, y, w, b, mean, rstd, sx, sr, M, N, float(eps),
                 HAS_RES=has_res, HAS_W=weight is not None, HAS_B=bias is not None,
-                ACT=activation, BLOCK_M=block_m, BLOCK_N=block_n,
+                ACT=activation, BLOCK_M=block_m, BLOCK_N=block_n, SOFT_RNE=soft_rne,
                 num_warps=_num_warps(block_m * block_n, 512),
             )
         else:
@@ -468,13 +501,13 @@ def layer_norm_fwd(x, residual, weight, bias, eps: float, activation: int):
             nw = _num_warps(chunk, 512)
             _ln_fwd_stats_chunked_kernel[(M,)](
                 x, r, hh, mean, rstd, sx, sr, N, float(eps),
-                HAS_RES=has_res, BLOCK_N=chunk, num_warps=nw,
+                HAS_RES=has_res, BLOCK_N=chunk, SOFT_RNE=soft_rne, num_warps=nw,
             )
             src, s_src = (h, N) if has_res else (x, sx)
             _ln_fwd_apply_chunked_kernel[(M, triton.cdiv(N, chunk))](
                 src, y, w, b, mean, rstd, s_src, N,
                 HAS_W=weight is not None, HAS_B=bias is not None, ACT=activation,
-                BLOCK_N=chunk, num_warps=nw,
+                BLOCK_N=chunk, SOFT_RNE=soft_rne, num_warps=nw,
             )
     return y, h, mean, rstd
 
@@ -526,7 +559,7 @@ def layer_norm_bwd(dy, dh, x, weight, bias, mean, rstd, activation: int,
     sx, sdy, sdh = _row_stride(x), _row_stride(dy), _row_stride(dhh)
     sm = _sm_count(x)
     flags = dict(HAS_DH=has_dh, HAS_W=weight is not None, HAS_B=bias is not None,
-                 ACT=activation, STORE_DW=store_dw, STORE_DB=store_db)
+                 ACT=activation, STORE_DW=store_dw, STORE_DB=store_db, SOFT_RNE=not x.is_cuda)
     block_n = triton.next_power_of_2(N)
     with _device_ctx(x):
         if block_n <= BWD_MAX_TILE:
@@ -535,8 +568,8 @@ def layer_norm_bwd(dy, dh, x, weight, bias, mean, rstd, activation: int,
             num_blocks = triton.cdiv(M, block_m)
             if sm is None:
                 progs = _CPU_PROGRAMS
-            else:  # about 32 resident warps per SM
-                progs = sm * max(1, min(8, 32 // nw))
+            else:  # one full wave: ~16 resident warps per SM (these kernels use <= 128 regs)
+                progs = sm * _programs_per_sm(nw)
             progs = max(1, min(progs, num_blocks))
             pdw = torch.empty((progs, N), dtype=acc, device=dev) if store_dw else mean
             pdb = torch.empty((progs, N), dtype=acc, device=dev) if store_db else mean
@@ -546,7 +579,7 @@ def layer_norm_bwd(dy, dh, x, weight, bias, mean, rstd, activation: int,
             )
         else:
             chunk = min(CHUNK_N, BWD_MAX_TILE)
-            nw = _num_warps(chunk, 256)
+            nw = _num_warps(chunk, 256)  # 4096 -> 16 warps, ~90 regs: one CTA per SM
             n_chunks = triton.cdiv(N, chunk)
             c1 = torch.empty((M,), dtype=acc, device=dev)
             c2 = torch.empty((M,), dtype=acc, device=dev)
@@ -557,8 +590,8 @@ def layer_norm_bwd(dy, dh, x, weight, bias, mean, rstd, activation: int,
             )
             if sm is None:
                 progs = _CPU_PROGRAMS
-            else:  # ~4 programs per SM over the whole (P, n_chunks) grid
-                progs = triton.cdiv(4 * sm, n_chunks)
+            else:  # the (P, n_chunks) grid fits in one wave (equal work per program)
+                progs = (sm * _programs_per_sm(nw)) // n_chunks
             progs = max(1, min(progs, M))
             pdw = torch.empty((progs, N), dtype=acc, device=dev) if store_dw else mean
             pdb = torch.empty((progs, N), dtype=acc, device=dev) if store_db else mean
