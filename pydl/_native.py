@@ -7,7 +7,6 @@ build whose version differs from the Python package's, with the command that reb
 
 from __future__ import annotations
 
-import functools
 import importlib.util
 import os
 import sys
@@ -43,8 +42,19 @@ def _import_core() -> ModuleType:
     return mod
 
 
-@functools.lru_cache(maxsize=None)
+_LOADED: tuple | None = None  # (module or None, error or None), set on first use
+
+
 def _load() -> tuple[ModuleType | None, str | None]:
+    # A plain global rather than functools.lru_cache: torch.compile traces backend choice, and
+    # Dynamo reads a global without the warning it gives for lru_cache-wrapped functions.
+    global _LOADED
+    if _LOADED is None:
+        _LOADED = _try_load()
+    return _LOADED
+
+
+def _try_load() -> tuple[ModuleType | None, str | None]:
     try:
         _C = _import_core()
     except ImportError as exc:

@@ -9,7 +9,6 @@ variable ``PYDL_BACKEND``, forces a backend; forcing one that cannot run the cal
 
 from __future__ import annotations
 
-import functools
 import importlib.util
 import os
 from typing import Callable, Mapping, Sequence
@@ -79,9 +78,14 @@ def native_reasons(tensors: Sequence[torch.Tensor], cpu_dtypes: Sequence[torch.d
     return reasons
 
 
-@functools.lru_cache(maxsize=None)
+_TRITON_IMPORTABLE: bool | None = None  # a global, not lru_cache: Dynamo traces this
+
+
 def triton_importable() -> bool:
-    return importlib.util.find_spec("triton") is not None
+    global _TRITON_IMPORTABLE
+    if _TRITON_IMPORTABLE is None:
+        _TRITON_IMPORTABLE = importlib.util.find_spec("triton") is not None
+    return _TRITON_IMPORTABLE
 
 
 def triton_interpreter_enabled() -> bool:

@@ -8,6 +8,7 @@
 // accumulation (per-thread partial rows, reduced in a fixed order: deterministic) with the two
 // row sums, then one pass that writes dx.
 // The row loops are compiled per ISA level (cpu_utils.h) and vectorize through `omp simd`.
+#include <algorithm>
 #include <cmath>
 #include <vector>
 
@@ -20,6 +21,9 @@ namespace {
 using cpu::acc_t;
 using cpu::from_acc;
 using cpu::to_acc;
+
+// Row sums add SIMD lanes within blocks of this many elements, then the blocks in double.
+constexpr int64_t kSumBlock = 512;
 
 template <int ACT, typename A>
 PYDL_INLINE A activation(A z) {
@@ -50,7 +54,6 @@ PYDL_INLINE void fwd_rows(const LayerNormFwdArgs& a, const acc_t<T>* w, const ac
                           int64_t r0, int64_t r1, acc_t<T>* row) {
   using A = acc_t<T>;
   const int64_t n = a.x.sizes[1];
-  const A inv_n = A(1) / static_cast<A>(n);
   for (int64_t r = r0; r < r1; ++r) {
     const T* x = a.x.ptr<const T>() + r * a.x.strides[0];
     if (a.residual.defined) {
@@ -66,14 +69,36 @@ PYDL_INLINE void fwd_rows(const LayerNormFwdArgs& a, const acc_t<T>* w, const ac
 #pragma omp simd
       for (int64_t j = 0; j < n; ++j) row[j] = to_acc(x[j]);
     }
-    A sum = 0;
-#pragma omp simd reduction(+ : sum)
-    for (int64_t j = 0; j < n; ++j) sum += row[j];
-    const A mean = sum * inv_n;
-    A sq = 0;
-#pragma omp simd reduction(+ : sq)
-    for (int64_t j = 0; j < n; ++j) sq += (row[j] - mean) * (row[j] - mean);
-    const A rstd = A(1) / std::sqrt(sq * inv_n + static_cast<A>(a.eps));
+    // Corrected two-pass statistics: a first mean, then the deviations' sum s and squared sum
+    // sq around it; mean = mean0 + s/n and var = sq/n - (s/n)^2 stay exact for constant rows
+    // and accurate when |mean| >> std (the first mean's rounding error is folded back in).
+    // Sums are blocked: SIMD lanes in A within a block, blocks added in double.
+    double sum = 0;
+    for (int64_t j0 = 0; j0 < n; j0 += kSumBlock) {
+      const int64_t j1 = std::min(n, j0 + kSumBlock);
+      A part = 0;
+#pragma omp simd reduction(+ : part)
+      for (int64_t j = j0; j < j1; ++j) part += row[j];
+      sum += part;
+    }
+    const A mean0 = static_cast<A>(sum / static_cast<double>(n));
+    double s = 0, sq = 0;
+    for (int64_t j0 = 0; j0 < n; j0 += kSumBlock) {
+      const int64_t j1 = std::min(n, j0 + kSumBlock);
+      A part_s = 0, part_sq = 0;
+#pragma omp simd reduction(+ : part_s, part_sq)
+      for (int64_t j = j0; j < j1; ++j) {
+        const A d = row[j] - mean0;
+        part_s += d;
+        part_sq += d * d;
+      }
+      s += part_s;
+      sq += part_sq;
+    }
+    const double shift = s / static_cast<double>(n);
+    const A mean = static_cast<A>(mean0 + shift);
+    const A var = static_cast<A>(sq / static_cast<double>(n) - shift * shift);
+    const A rstd = A(1) / std::sqrt((var < A(0) ? A(0) : var) + static_cast<A>(a.eps));
     a.mean.ptr<A>()[r] = mean;
     a.rstd.ptr<A>()[r] = rstd;
     T* y = a.y.ptr<T>() + r * n;
@@ -90,7 +115,6 @@ PYDL_INLINE void bwd_rows(const LayerNormBwdArgs& a, const acc_t<T>* w, const ac
                           int64_t r0, int64_t r1, acc_t<T>* scratch, acc_t<T>* dw, acc_t<T>* db) {
   using A = acc_t<T>;
   const int64_t n = a.x.sizes[1];
-  const A inv_n = A(1) / static_cast<A>(n);
   A* xhat = scratch;
   A* g = scratch + n;
   for (int64_t r = r0; r < r1; ++r) {
@@ -98,23 +122,30 @@ PYDL_INLINE void bwd_rows(const LayerNormBwdArgs& a, const acc_t<T>* w, const ac
     const T* dy = a.dy.ptr<const T>() + r * a.dy.strides[0];
     const A mean = a.mean.ptr<const A>()[r];
     const A rstd = a.rstd.ptr<const A>()[r];
-    A s1 = 0, s2 = 0;
-#pragma omp simd reduction(+ : s1, s2)
-    for (int64_t j = 0; j < n; ++j) {
-      const A xh = (to_acc(x[j]) - mean) * rstd;
-      A gj = to_acc(dy[j]);
-      if constexpr (ACT != static_cast<int>(Activation::kNone)) {
-        gj *= activation_grad<ACT>(xh * w[j] + b[j]);
+    double s1 = 0, s2 = 0;  // blocked like the forward sums
+    for (int64_t j0 = 0; j0 < n; j0 += kSumBlock) {
+      const int64_t j1 = std::min(n, j0 + kSumBlock);
+      A part1 = 0, part2 = 0;
+#pragma omp simd reduction(+ : part1, part2)
+      for (int64_t j = j0; j < j1; ++j) {
+        const A xh = (to_acc(x[j]) - mean) * rstd;
+        A gj = to_acc(dy[j]);
+        if constexpr (ACT != static_cast<int>(Activation::kNone)) {
+          gj *= activation_grad<ACT>(xh * w[j] + b[j]);
+        }
+        xhat[j] = xh;
+        g[j] = gj;
+        dw[j] += gj * xh;
+        db[j] += gj;
+        const A dxh = gj * w[j];
+        part1 += dxh;
+        part2 += dxh * xh;
       }
-      xhat[j] = xh;
-      g[j] = gj;
-      dw[j] += gj * xh;
-      db[j] += gj;
-      const A dxh = gj * w[j];
-      s1 += dxh;
-      s2 += dxh * xh;
+      s1 += part1;
+      s2 += part2;
     }
-    const A c1 = s1 * inv_n, c2 = s2 * inv_n;
+    const A c1 = static_cast<A>(s1 / static_cast<double>(n));
+    const A c2 = static_cast<A>(s2 / static_cast<double>(n));
     T* dx = a.dx.ptr<T>() + r * n;
     if (a.dh.defined) {
       const T* dh = a.dh.ptr<const T>() + r * a.dh.strides[0];

@@ -12,7 +12,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ..ops import layer_norm as F_ln
+from ..ops.layer_norm import layer_norm, layer_norm_gelu
 
 
 class LayerNorm(torch.nn.LayerNorm):
@@ -26,7 +26,7 @@ class LayerNorm(torch.nn.LayerNorm):
 
     def forward(self, x: Tensor) -> Tensor:
         k = len(self.normalized_shape)
-        if tuple(x.shape[x.dim() - k:]) != tuple(self.normalized_shape) or x.dim() < k:
+        if x.dim() < k or tuple(x.shape[x.dim() - k:]) != tuple(self.normalized_shape):
             raise ValueError(
                 f"{type(self).__name__}: input of shape {tuple(x.shape)} does not end with "
                 f"normalized_shape {tuple(self.normalized_shape)}")
@@ -38,9 +38,9 @@ class LayerNorm(torch.nn.LayerNorm):
             bias = bias.float() if bias is not None else None
         rows = x.flatten(x.dim() - k) if k > 1 else x
         if self._activation is None:
-            y = F_ln.layer_norm(rows, weight, bias, self.eps)
+            y = layer_norm(rows, weight, bias, self.eps)
         else:
-            y = F_ln.layer_norm_gelu(rows, weight, bias, self.eps, approximate=self._activation)
+            y = layer_norm_gelu(rows, weight, bias, self.eps, approximate=self._activation)
         return y.view(x.shape) if k > 1 else y
 
 

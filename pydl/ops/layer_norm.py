@@ -161,9 +161,15 @@ def _rows(t: Optional[Tensor]) -> Optional[Tensor]:
     """(…, N) -> (M, N) with unit last stride; a view whenever torch can make one."""
     if t is None:
         return None
+    if t.numel() == 0:  # .contiguous() keeps an empty tensor's odd strides
+        return t.new_empty((0, t.shape[-1]))
     if t.stride(-1) != 1 and t.shape[-1] != 1:
         t = t.contiguous()
     return t.reshape(-1, t.shape[-1])
+
+
+def _vector(t: Optional[Tensor]) -> Optional[Tensor]:
+    return None if t is None else t.contiguous()
 
 
 def _stats_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -215,11 +221,24 @@ def _activation(z: Tensor, act: int) -> Tensor:
     return F.gelu(z, approximate="tanh" if act == ACT_GELU_TANH else "none")
 
 
+def _activation_grad(z: Tensor, act: int) -> Tensor:
+    """d act(z) / dz, exact for both GELU forms (as torch's gelu backward)."""
+    if act == ACT_GELU:
+        return 0.5 * (1 + torch.erf(z * _SQRT_HALF)) + z * _INV_SQRT_2PI * torch.exp(-0.5 * z * z)
+    k = math.sqrt(2 / math.pi)
+    t = torch.tanh(k * (z + 0.044715 * z ** 3))
+    return 0.5 * (1 + t) + 0.5 * z * (1 - t * t) * k * (1 + 3 * 0.044715 * z * z)
+
+
+_SQRT_HALF = math.sqrt(0.5)
+_INV_SQRT_2PI = 1 / math.sqrt(2 * math.pi)
+
+
 def _torch_fwd(x, residual, weight, bias, eps, act):
     h = x + residual if residual is not None else None
     src = (h if h is not None else x).to(_stats_dtype(x.dtype))
     mean = src.mean(-1)
-    rstd = torch.rsqrt(src.var(-1, correction=0) + eps)
+    rstd = torch.rsqrt((src - mean[:, None]).square().mean(-1) + eps)
     z = (src - mean[:, None]) * rstd[:, None]
     if weight is not None:
         z = z * weight
@@ -233,10 +252,8 @@ def _torch_bwd(dy, dh, x, weight, bias, mean, rstd, act, need_dw, need_db):
     xhat = (x.to(acc) - mean[:, None]) * rstd[:, None]
     g = dy.to(acc)
     if act != ACT_NONE:
-        with torch.enable_grad():
-            z = xhat * (weight if weight is not None else 1) + (bias if bias is not None else 0)
-            z = z.detach().requires_grad_(True)
-            (g,) = torch.autograd.grad(_activation(z, act), z, g)
+        z = xhat * (weight if weight is not None else 1) + (bias if bias is not None else 0)
+        g = g * _activation_grad(z, act)
     dxhat = g * weight if weight is not None else g
     c1 = dxhat.mean(-1, keepdim=True)
     c2 = (dxhat * xhat).mean(-1, keepdim=True)
@@ -265,7 +282,8 @@ def layer_norm_fwd(x: Tensor, residual: Optional[Tensor], weight: Optional[Tenso
                    bias: Optional[Tensor], eps: float, activation: int,
                    backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(y, h, mean, rstd): y, h of x's shape (h is empty without residual); mean, rstd (M,)."""
-    y, h, mean, rstd = _FWD[backend](_rows(x), _rows(residual), weight, bias, eps, activation)
+    y, h, mean, rstd = _FWD[backend](_rows(x), _rows(residual), _vector(weight), _vector(bias), eps,
+                                     activation)
     h = h.view(x.shape) if h is not None else x.new_empty(0)
     return y.view(x.shape), h, mean, rstd
 
@@ -284,8 +302,8 @@ def layer_norm_bwd(dy: Tensor, dh: Optional[Tensor], x: Tensor, weight: Optional
                    need_weight_grad: bool, need_bias_grad: bool,
                    backend: str) -> tuple[Tensor, Tensor, Tensor]:
     """(dx, dweight, dbias); dweight/dbias are empty when not requested. x is the normalized input."""
-    dx, dw, db = _BWD[backend](_rows(dy), _rows(dh), _rows(x), weight, bias, mean, rstd, activation,
-                               need_weight_grad, need_bias_grad)
+    dx, dw, db = _BWD[backend](_rows(dy), _rows(dh), _rows(x), _vector(weight), _vector(bias), mean,
+                               rstd, activation, need_weight_grad, need_bias_grad)
     # Distinct empty tensors: custom op outputs must not alias each other.
     return dx.view(x.shape), (dw if dw is not None else x.new_empty(0)), (db if db is not None else x.new_empty(0))
 
