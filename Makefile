@@ -32,12 +32,15 @@ test-fast: build
 
 # CPU kernels again under AddressSanitizer + UndefinedBehaviorSanitizer (a separate build).
 test-sanitize: env
+	rm -f build/sanitizer-report.*
 	PYDL_SANITIZE=address,undefined PYDL_CUDA=OFF PYDL_BUILD_TYPE=Debug \
 		$(PY) setup.py -q build_ext -b $(SANITIZE_LIB_DIR)
 	PYDL_NATIVE_LIB=$$(ls $(SANITIZE_LIB_DIR)/pydl/_C*.so) \
 	LD_PRELOAD="$$(gcc -print-file-name=libasan.so) $$(gcc -print-file-name=libubsan.so)" \
-	ASAN_OPTIONS=detect_leaks=0:halt_on_error=1 UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1 \
-		$(PY) -m pytest -q -p no:cacheprovider tests/ops -m "not triton and not cuda" -k "native" -x
+	ASAN_OPTIONS=detect_leaks=0:halt_on_error=1:log_path=build/sanitizer-report \
+	UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1:log_path=build/sanitizer-report \
+		$(PY) -m pytest -q -p no:cacheprovider tests/ops -m "not triton and not cuda" -k "native" -x \
+		|| { cat build/sanitizer-report.* 2>/dev/null; exit 1; }
 
 test: test-fast test-sanitize
 

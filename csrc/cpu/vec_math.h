@@ -46,7 +46,8 @@ PYDL_INLINE float exp(float x) {
   p = p * r + 0.5f;
   p = p * r + 1.0f;
   p = p * r + 1.0f;
-  return p * bits_to_float((ni + 127) << 23);
+  // Shift as unsigned: NaN inputs give out-of-range ni, and a signed overflow would be UB.
+  return p * bits_to_float(static_cast<int32_t>(static_cast<uint32_t>(ni + 127) << 23));
 }
 
 // erfc(a) for a >= 0 with relative error below ~1.2e-7 over the whole range: the classic
