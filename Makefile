@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 export PYDL_CUDA_ARCHS ?= 90a
 SANITIZE_LIB_DIR := build/sanitize-lib
 
-.PHONY: all env build test test-fast test-sanitize bench info clean
+.PHONY: all env build test test-fast test-sanitize test-cuda-emulated bench info clean
 
 all: test
 
@@ -42,7 +42,17 @@ test-sanitize: env
 		$(PY) -m pytest -q -p no:cacheprovider tests/ops -m "not triton and not cuda" -k "native" -x \
 		|| { cat build/sanitizer-report.* 2>/dev/null; exit 1; }
 
-test: test-fast test-sanitize
+# The CUDA kernels *executed* on the CPU: tests/cuda_emulation/mock runs every CUDA thread as a
+# fiber with real barriers and warp shuffles (no GPU needed); "quick" covers N up to 2048.
+EMU_BIN := build/cuda-emulated-layer-norm
+test-cuda-emulated:
+	mkdir -p build
+	g++ -std=c++20 -O2 -Itests/cuda_emulation/mock -Icsrc/include -x c++ csrc/cuda/layer_norm.cu \
+		-x none tests/cuda_emulation/test_layer_norm.cpp csrc/layer_norm_args.cpp csrc/tensor_view.cpp \
+		-o $(EMU_BIN) -lpthread
+	$(EMU_BIN) quick
+
+test: test-fast test-sanitize test-cuda-emulated
 
 # The main job: the benchmark harness on whatever device is here (GPU if present).
 bench: build

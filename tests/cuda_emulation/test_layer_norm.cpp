@@ -1,0 +1,271 @@
+// Emulated-execution tests of csrc/cuda/layer_norm.cu against a float64 reference.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <cstring>
+#include <functional>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "pydl/layer_norm.h"
+
+namespace pydl { namespace cuda { alignas(16) unsigned char pydl_dynamic_smem[256 * 1024]; } }
+
+using namespace pydl;
+
+static int g_fail = 0, g_checks = 0;
+
+template <typename T> DType dtype_of();
+template <> DType dtype_of<float>() { return DType::kFloat32; }
+template <> DType dtype_of<__half>() { return DType::kFloat16; }
+template <> DType dtype_of<__nv_bfloat16>() { return DType::kBFloat16; }
+inline float tf(float v) { return v; }
+inline float tf(__half v) { return __half2float(v); }
+inline float tf(__nv_bfloat16 v) { return __bfloat162float(v); }
+template <typename T> T ff(float v);
+template <> float ff<float>(float v) { return v; }
+template <> __half ff<__half>(float v) { return __float2half_rn(v); }
+template <> __nv_bfloat16 ff<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
+template <typename T> const char* tname();
+template <> const char* tname<float>() { return "f32"; }
+template <> const char* tname<__half>() { return "f16"; }
+template <> const char* tname<__nv_bfloat16>() { return "bf16"; }
+
+// A buffer with a chosen misalignment (in elements) and row stride.
+template <typename T>
+struct Buf {
+  std::vector<unsigned char> raw;
+  T* p = nullptr;
+  int64_t rows = 0, cols = 0, rs = 0;
+  Buf() = default;
+  Buf(int64_t r, int64_t c, int64_t row_stride, int misalign) : rows(r), cols(c), rs(row_stride) {
+    const int64_t elems = (r > 0 ? (r - 1) * row_stride + c : 0) + 8;
+    raw.assign(elems * sizeof(T) + 64, 0xAB);
+    uintptr_t base = (reinterpret_cast<uintptr_t>(raw.data()) + 31) & ~uintptr_t(31);
+    p = reinterpret_cast<T*>(base) + misalign;
+  }
+  T& at(int64_t r, int64_t c) { return p[r * rs + c]; }
+  TensorView view2() const {
+    TensorView v; v.data = p; v.dtype = dtype_of<T>(); v.ndim = 2; v.sizes[0] = rows; v.sizes[1] = cols;
+    v.strides[0] = rs; v.strides[1] = 1; v.defined = true; return v;
+  }
+  TensorView view1() const {
+    TensorView v; v.data = p; v.dtype = dtype_of<T>(); v.ndim = 1; v.sizes[0] = cols;
+    v.strides[0] = 1; v.defined = true; return v;
+  }
+};
+TensorView fview1(float* p, int64_t n) {
+  TensorView v; v.data = p; v.dtype = DType::kFloat32; v.ndim = 1; v.sizes[0] = n; v.strides[0] = 1;
+  v.defined = true; return v;
+}
+
+double act_ref(double z, int act) {
+  if (act == 1) return 0.5 * z * (1 + std::erf(z / std::sqrt(2.0)));
+  if (act == 2) return 0.5 * z * (1 + std::tanh(std::sqrt(2 / M_PI) * (z + 0.044715 * z * z * z)));
+  return z;
+}
+double actg_ref(double z, int act) {
+  if (act == 1) return 0.5 * (1 + std::erf(z / std::sqrt(2.0))) + z * std::exp(-0.5 * z * z) / std::sqrt(2 * M_PI);
+  if (act == 2) {
+    const double k = std::sqrt(2 / M_PI), t = std::tanh(k * (z + 0.044715 * z * z * z));
+    return 0.5 * (1 + t) + 0.5 * z * (1 - t * t) * k * (1 + 3 * 0.044715 * z * z);
+  }
+  return 1;
+}
+
+template <typename T> double out_rtol() { return std::is_same_v<T, float> ? 2e-5 : std::is_same_v<T, __half> ? 2e-3 : 1.6e-2; }
+
+bool close(double got, double ref, double atol, double rtol) {
+  if (std::isnan(ref)) return std::isnan(got);
+  return std::fabs(got - ref) <= atol + rtol * std::fabs(ref);
+}
+
+struct Report {
+  std::string name; int bad = 0; double worst = 0; std::string first;
+  void check(bool ok, const std::string& what, double err) {
+    ++g_checks;
+    if (!ok) { if (bad == 0) first = what; ++bad; }
+    worst = std::max(worst, err);
+  }
+  void done() {
+    if (bad) { ++g_fail; std::printf("FAIL %s: %d bad, first %s\n", name.c_str(), bad, first.c_str()); }
+  }
+};
+
+std::mt19937 rng(1234);
+float rnd(float mean = 0.0f, float sd = 1.0f) { std::normal_distribution<float> d(mean, sd); return d(rng); }
+
+template <typename T>
+void test_fwd(int64_t M, int64_t N, bool res, bool hw, bool hb, int act, int pad, int mis, int out_mis = 0) {
+  char nm[256];
+  std::snprintf(nm, sizeof nm, "fwd %s M=%ld N=%ld res=%d w=%d b=%d act=%d pad=%d mis=%d omis=%d", tname<T>(), (long)M, (long)N, res, hw, hb, act, pad, mis, out_mis);
+  Report rep{nm};
+  if (std::getenv("EMU_VERBOSE")) { static auto t0 = std::chrono::steady_clock::now(); std::fprintf(stderr, "%.2f %s\n", std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count(), nm); }
+  Buf<T> x(M, N, N + pad, mis), r(M, N, N + 2 * pad, mis), y(M, N, N, out_mis), h(M, N, N, out_mis), w(1, N, N, 0), b(1, N, N, 0);
+  for (int64_t i = 0; i < M; ++i) for (int64_t j = 0; j < N; ++j) { x.at(i, j) = ff<T>(rnd(0.3f, 1.5f)); r.at(i, j) = ff<T>(rnd()); }
+  for (int64_t j = 0; j < N; ++j) { w.at(0, j) = ff<T>(rnd(1.0f, 0.5f)); b.at(0, j) = ff<T>(rnd(0.0f, 0.5f)); }
+  std::vector<float> mean(M + 1, -7.f), rstd(M + 1, -7.f);
+  LayerNormFwdArgs a;
+  a.x = x.view2();
+  if (res) { a.residual = r.view2(); a.h = h.view2(); }
+  if (hw) a.weight = w.view1();
+  if (hb) a.bias = b.view1();
+  a.y = y.view2();
+  a.mean = fview1(mean.data(), M);
+  a.rstd = fview1(rstd.data(), M);
+  a.eps = 1e-5;
+  a.act = static_cast<Activation>(act);
+  layer_norm_fwd_cuda(a, nullptr);
+  for (int64_t i = 0; i < M; ++i) {
+    std::vector<double> hv(N);
+    for (int64_t j = 0; j < N; ++j) {
+      float v = tf(x.at(i, j));
+      if (res) {
+        T hr = ff<T>(v + tf(r.at(i, j)));
+        rep.check(std::memcmp(&hr, &h.at(i, j), sizeof(T)) == 0, "h row " + std::to_string(i) + " col " + std::to_string(j), 0);
+        v = tf(hr);
+      }
+      hv[j] = v;
+    }
+    double mu = 0; for (double v : hv) mu += v; mu /= N;
+    double var = 0; for (double v : hv) var += (v - mu) * (v - mu); var /= N;
+    const double rs = 1 / std::sqrt(var + 1e-5);
+    rep.check(close(mean[i], mu, 1e-6, 1e-5), "mean row " + std::to_string(i) + " got " + std::to_string(mean[i]) + " ref " + std::to_string(mu), std::fabs(mean[i] - mu));
+    rep.check(close(rstd[i], rs, 0, 1e-5), "rstd row " + std::to_string(i) + " got " + std::to_string(rstd[i]) + " ref " + std::to_string(rs), std::fabs(rstd[i] - rs) / rs);
+    for (int64_t j = 0; j < N; ++j) {
+      const double z = (hv[j] - mu) * rs * (hw ? tf(w.at(0, j)) : 1.0) + (hb ? tf(b.at(0, j)) : 0.0);
+      const double ref = act_ref(z, act), got = tf(y.at(i, j));
+      rep.check(close(got, ref, 1e-5 + out_rtol<T>() * 0.1, out_rtol<T>()), "y row " + std::to_string(i) + " col " + std::to_string(j) + " got " + std::to_string(got) + " ref " + std::to_string(ref), std::fabs(got - ref));
+    }
+  }
+  rep.check(mean[M] == -7.f && rstd[M] == -7.f, "stats written past M", 0);
+  // y's padding (the 8 extra elements) untouched
+  for (int e = 0; e < 8; ++e) {
+    const unsigned char* pb = reinterpret_cast<const unsigned char*>(y.p + (M > 0 ? (M - 1) * N + N : 0) + e);
+    rep.check(pb[0] == 0xAB, "y written past its end", 0);
+  }
+  rep.done();
+}
+
+template <typename T>
+void test_bwd(int64_t M, int64_t N, bool hdh, bool hw, bool hb, bool want_dw, bool want_db, int act, int pad, int mis, int64_t ws_rows = -1) {
+  char nm[256];
+  std::snprintf(nm, sizeof nm, "bwd %s M=%ld N=%ld dh=%d w=%d b=%d dw=%d db=%d act=%d pad=%d mis=%d ws=%ld", tname<T>(), (long)M, (long)N, hdh, hw, hb, want_dw, want_db, act, pad, mis, (long)ws_rows);
+  Report rep{nm};
+  if (std::getenv("EMU_VERBOSE")) { static auto t0 = std::chrono::steady_clock::now(); std::fprintf(stderr, "%.2f %s\n", std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count(), nm); }
+  Buf<T> x(M, N, N + pad, mis), dy(M, N, N + 3 * pad, mis), dh(M, N, N + pad, mis), dx(M, N, N, 0), w(1, N, N, 0), b(1, N, N, 0), dw(1, N, N, 0), db(1, N, N, 0);
+  for (int64_t i = 0; i < M; ++i) for (int64_t j = 0; j < N; ++j) { x.at(i, j) = ff<T>(rnd(0.2f, 1.3f)); dy.at(i, j) = ff<T>(rnd()); dh.at(i, j) = ff<T>(rnd()); }
+  for (int64_t j = 0; j < N; ++j) { w.at(0, j) = ff<T>(rnd(1.0f, 0.5f)); b.at(0, j) = ff<T>(rnd(0.0f, 0.5f)); }
+  std::vector<float> mean(M + 1), rstd(M + 1);
+  for (int64_t i = 0; i < M; ++i) {
+    double mu = 0; for (int64_t j = 0; j < N; ++j) mu += tf(x.at(i, j)); mu /= N;
+    double var = 0; for (int64_t j = 0; j < N; ++j) var += (tf(x.at(i, j)) - mu) * (tf(x.at(i, j)) - mu); var /= N;
+    mean[i] = static_cast<float>(mu); rstd[i] = static_cast<float>(1 / std::sqrt(var + 1e-5));
+  }
+  const int64_t P = ws_rows > 0 ? ws_rows : layer_norm_bwd_cuda_num_partials(M, N);
+  std::vector<float> ws(P * 2 * N + 16, std::nanf(""));
+  LayerNormBwdArgs a;
+  a.dy = dy.view2(); if (hdh) a.dh = dh.view2(); a.x = x.view2();
+  if (hw) a.weight = w.view1();
+  if (hb) a.bias = b.view1();
+  a.mean = fview1(mean.data(), M); a.rstd = fview1(rstd.data(), M);
+  a.dx = dx.view2();
+  if (want_dw) a.dweight = dw.view1();
+  if (want_db) a.dbias = db.view1();
+  if (want_dw || want_db) { a.workspace.data = ws.data(); a.workspace.dtype = DType::kFloat32; a.workspace.ndim = 2; a.workspace.sizes[0] = P; a.workspace.sizes[1] = 2 * N; a.workspace.strides[0] = 2 * N; a.workspace.strides[1] = 1; a.workspace.defined = true; }
+  a.act = static_cast<Activation>(act);
+  for (int64_t j = 0; j < N; ++j) { dw.at(0, j) = ff<T>(12345.f); db.at(0, j) = ff<T>(12345.f); }
+  layer_norm_bwd_cuda(a, nullptr);
+  std::vector<double> rdw(N, 0), rdb(N, 0), absw(N, 0);
+  for (int64_t i = 0; i < M; ++i) {
+    std::vector<double> xh(N), g(N), dxh(N);
+    double c1 = 0, c2 = 0;
+    for (int64_t j = 0; j < N; ++j) {
+      xh[j] = ((double)tf(x.at(i, j)) - mean[i]) * rstd[i];
+      const double wj = hw ? tf(w.at(0, j)) : 1.0, bj = hb ? tf(b.at(0, j)) : 0.0;
+      g[j] = tf(dy.at(i, j)) * actg_ref(xh[j] * wj + bj, act);
+      dxh[j] = g[j] * wj;
+      c1 += dxh[j]; c2 += dxh[j] * xh[j];
+      rdw[j] += g[j] * xh[j]; rdb[j] += g[j]; absw[j] += std::fabs(g[j] * xh[j]) + std::fabs(g[j]) + (act ? 0.3 * std::fabs(tf(dy.at(i, j))) * (1 + std::fabs(xh[j])) : 0.0);  // fp32 act' error ~1e-6 abs
+    }
+    c1 /= N; c2 /= N;
+    double scale = 0;
+    for (int64_t j = 0; j < N; ++j) scale = std::max(scale, std::fabs(rstd[i] * dxh[j]));
+    for (int64_t j = 0; j < N; ++j) {
+      double ref = rstd[i] * (dxh[j] - c1 - xh[j] * c2) + (hdh ? tf(dh.at(i, j)) : 0.0);
+      const double got = tf(dx.at(i, j));
+      rep.check(close(got, ref, 1e-5 * scale + out_rtol<T>() * 0.2, out_rtol<T>()), "dx row " + std::to_string(i) + " col " + std::to_string(j) + " got " + std::to_string(got) + " ref " + std::to_string(ref), std::fabs(got - ref));
+    }
+  }
+  for (int64_t j = 0; j < N; ++j) {
+    if (want_dw) { const double got = tf(dw.at(0, j)); rep.check(close(got, rdw[j], 1e-5 * absw[j] + 1e-6, out_rtol<T>()), "dw col " + std::to_string(j) + " got " + std::to_string(got) + " ref " + std::to_string(rdw[j]), std::fabs(got - rdw[j])); }
+    else rep.check(tf(dw.at(0, j)) == tf(ff<T>(12345.f)), "dw written", 0);
+    if (want_db) { const double got = tf(db.at(0, j)); rep.check(close(got, rdb[j], 1e-5 * absw[j] + 1e-6, out_rtol<T>()), "db col " + std::to_string(j) + " got " + std::to_string(got) + " ref " + std::to_string(rdb[j]), std::fabs(got - rdb[j])); }
+    else rep.check(tf(db.at(0, j)) == tf(ff<T>(12345.f)), "db written", 0);
+  }
+  for (int e = 0; e < 16; ++e) rep.check(std::isnan(ws[P * 2 * N + e]), "workspace written past P rows", 0);
+  // Determinism: run again, compare bits.
+  std::vector<unsigned char> dx1(dx.raw), dw1(dw.raw), db1(db.raw);
+  layer_norm_bwd_cuda(a, nullptr);
+  rep.check(dx1 == dx.raw && dw1 == dw.raw && db1 == db.raw, "not deterministic", 0);
+  rep.done();
+}
+
+int main(int argc, char** argv) {
+  setvbuf(stdout, nullptr, _IONBF, 0);
+  pydl_emulation::g_smem = pydl::cuda::pydl_dynamic_smem;
+  pydl_emulation::g_smem_size = sizeof(pydl::cuda::pydl_dynamic_smem);
+  const std::string which = argc > 1 ? argv[1] : "all";
+  if (const char* e = std::getenv("EMU_SCHEDULE")) pydl_emulation::g_schedule = std::atoi(e);
+  const bool quick = which == "quick";
+  auto fwd_all = [&](int64_t M, int64_t N, int act, int pad, int mis) {
+    test_fwd<float>(M, N, true, true, true, act, pad, mis);
+    test_fwd<__nv_bfloat16>(M, N, false, true, true, act, pad, mis);
+    test_fwd<__half>(M, N, true, false, true, act, pad, mis);
+    test_fwd<__nv_bfloat16>(M, N, true, true, false, act, pad, mis);
+  };
+  auto bwd_all = [&](int64_t M, int64_t N, int act, int pad, int mis) {
+    test_bwd<float>(M, N, true, true, true, true, true, act, pad, mis);
+    test_bwd<__nv_bfloat16>(M, N, false, true, true, true, true, act, pad, mis);
+    test_bwd<__half>(M, N, true, true, false, true, false, act, pad, mis);
+    test_bwd<__nv_bfloat16>(M, N, true, false, true, false, true, act, pad, mis);
+    test_bwd<float>(M, N, false, false, false, false, false, act, pad, mis);
+  };
+  if (which == "fwd" || which == "all" || quick) {
+    for (int64_t N : {1, 7, 8, 16, 97, 384, 768, 1000, 1023, 1024, 1025, 1500, 2048}) {
+      for (int act = 0; act < 3; ++act) fwd_all(5, N, act, act == 1 ? 8 : 0, 0);
+      fwd_all(6, N, 2, 3, 1);  // odd row stride, misaligned: scalar path
+    }
+    if (!quick) {
+      for (int64_t N : {4096, 5120, 8192, 8200, 12288, 16384, 24576, 32768}) { fwd_all(3, N, N % 3, 0, 0); fwd_all(3, N, 1, 1, 0); }
+      for (int64_t N : {32776, 40000, 65536}) { fwd_all(2, N, 1, 0, 0); fwd_all(2, N, 2, 5, 3); }
+      test_fwd<__nv_bfloat16>(9, 1024, true, true, true, 1, 0, 0, 1);  // misaligned outputs
+      test_fwd<float>(37, 64, true, true, true, 0, 0, 0);               // many rows per block
+      test_fwd<__nv_bfloat16>(300, 8, true, true, true, 2, 0, 0);       // tpr 1, many rows
+      test_fwd<float>(300, 3, true, true, true, 2, 1, 0);               // scalar, tpr 1
+    }
+  }
+  if (which == "bwd" || which == "all" || quick) {
+    for (int64_t N : {1, 7, 8, 16, 97, 384, 768, 1000, 1023, 1024, 1025, 1500, 2048}) {
+      for (int act = 0; act < 3; ++act) bwd_all(7, N, act, act == 2 ? 8 : 0, 0);
+      bwd_all(6, N, 1, 3, 1);
+    }
+    if (!quick) {
+      for (int64_t N : {4096, 4104, 5120, 8192, 8200, 12288, 16384}) { bwd_all(3, N, N % 3, 0, 0); bwd_all(3, N, 1, 1, 0); }
+      for (int64_t N : {16392, 24576, 40000, 65536}) { bwd_all(2, N, 1, 0, 0); bwd_all(3, N, 2, 5, 3); }
+      test_bwd<float>(40, 64, true, true, true, true, true, 0, 0, 0, 1);     // one partial row
+      test_bwd<float>(40, 64, true, true, true, true, true, 1, 0, 0, 3);     // three partial rows
+      test_bwd<__nv_bfloat16>(301, 8, true, true, true, true, true, 2, 0, 0); // tpr 1, many groups
+      test_bwd<float>(301, 3, true, true, true, true, true, 2, 1, 0);         // scalar, tpr 1
+      test_bwd<float>(33, 1000, true, true, true, true, true, 1, 0, 0, 2);
+      test_bwd<__nv_bfloat16>(0, 64, false, true, true, true, true, 0, 0, 0, 1);  // M = 0 -> zeros
+    }
+  }
+  std::printf("%d checks, %d failing tests, %ld launches\n", g_checks, g_fail, (long)pydl_emulation::g_launches.load());
+  return g_fail ? 1 : 0;
+}
