@@ -173,13 +173,13 @@ __device__ __forceinline__ void fwd_write_row(const Vec<T, VEC> (&v)[ITEMS], boo
 }
 
 // Shapes: x, res (m, n) row strides x_rs, a_rs; h (m, n) row stride b_rs; y (m, n) row stride
-// o_rs; w, b (n,); mean, rstd (m,). Dynamic smem: 2 * kRedSlots floats.
+// o_rs; w, b (n,); mean, rstd (m,). Dynamic smem: 3 * kRedSlots floats.
 template <typename T, int VEC, int ITEMS>
 __global__ void __launch_bounds__(kMaxThreads, 1)
     ln_fwd_cached(const T* __restrict__ x, const T* __restrict__ res, const T* __restrict__ w,
                   const T* __restrict__ b, T* __restrict__ y, T* __restrict__ h,
                   float* __restrict__ mean_out, float* __restrict__ rstd_out, const RowShape s) {
-  float* red = cuda::dynamic_smem<float>();  // [2][kRedSlots]: mean, then variance partials
+  float* red = cuda::dynamic_smem<float>();  // [kRedSlots] mean, then [kRedSlots] f32x2 deviations
   const int tpr = s.tpr;
   const int group = static_cast<int>(threadIdx.x) / tpr;
   const int t = static_cast<int>(threadIdx.x) - group * tpr;
@@ -215,21 +215,28 @@ __global__ void __launch_bounds__(kMaxThreads, 1)
         for (int k = 0; k < VEC; ++k) v[i].v[k] = from_float<T>(0.0f);
       }
     }
-    const float mean = group_sum(sum, tpr, red) * s.inv_n;
+    const float mean0 = group_sum(sum, tpr, red) * s.inv_n;
 
-    float sq = 0.0f;
+    // Corrected two-pass: the deviations' sum folds the first mean's rounding error back in,
+    // so constant rows normalize to exactly 0 and |mean| >> std keeps its accuracy.
+    f32x2 dev = {0.0f, 0.0f};  // sum(d), sum(d * d), d = x - mean0
 #pragma unroll
     for (int i = 0; i < ITEMS; ++i) {
       const int c = i * tpr + t;
       if (valid && c < nchunks) {
 #pragma unroll
         for (int k = 0; k < VEC; ++k) {
-          const float d = to_float(v[i].v[k]) - mean;
-          sq += d * d;
+          const float d = to_float(v[i].v[k]) - mean0;
+          dev.x += d;
+          dev.y += d * d;
         }
       }
     }
-    const float var = group_sum(sq, tpr, red + kRedSlots) * s.inv_n;
+    dev = group_sum(dev, tpr, reinterpret_cast<f32x2*>(red + kRedSlots));
+    const float shift = dev.x * s.inv_n;
+    const float mean = mean0 + shift;
+    const float var_raw = dev.y * s.inv_n - shift * shift;
+    const float var = var_raw < 0.0f ? 0.0f : var_raw;  // keeps NaN
     const float rstd = __frsqrt_rn(var + s.eps);  // correctly rounded 1 / sqrt
     if (valid && t == 0) {
       mean_out[row] = mean;
@@ -334,19 +341,21 @@ __global__ void __launch_bounds__(kFwdUncachedThreads, 2)
           for (int k = 0; k < VEC; ++k) ts += v[u][k];
         }
       }
-      const float tm = ts / tn;  // tn >= VEC: chunk c0 < nchunks
-      float tq = 0.0f;
+      const float tm0 = ts / tn;  // tn >= VEC: chunk c0 < nchunks
+      float td = 0.0f, tq = 0.0f;  // corrected two-pass, as in ln_fwd_cached
 #pragma unroll
       for (int u = 0; u < U; ++u) {
         if (c0 + u * tpr < nchunks) {
 #pragma unroll
           for (int k = 0; k < VEC; ++k) {
-            const float d = v[u][k] - tm;
+            const float d = v[u][k] - tm0;
+            td += d;
             tq += d * d;
           }
         }
       }
-      chan_merge(cnt, mu, m2, tn, tm, tq);
+      const float tq_c = tq - td * td / tn;
+      chan_merge(cnt, mu, m2, tn, tm0 + td / tn, tq_c < 0.0f ? 0.0f : tq_c);
     }
     // Warp tree to lane 0 (lanes >= 32 - offset merge garbage nobody reads), then warp 0..W-1
     // merged in order by thread 0.
@@ -886,7 +895,7 @@ void fwd_launch(const LayerNormFwdArgs& a, RowShape s, cudaStream_t stream) {
     s.rpb = cfg.rpb;
     block = cfg.tpr * cfg.rpb;
     rows_per_block = cfg.rpb;
-    smem = 2 * kRedSlots * sizeof(float);
+    smem = 3 * kRedSlots * sizeof(float);
   } else {
     kernel = ln_fwd_uncached<T, VEC, std::max(1, 16 / VEC)>;
     s.tpr = block = kFwdUncachedThreads;

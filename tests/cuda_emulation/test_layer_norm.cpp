@@ -98,7 +98,10 @@ struct Report {
 };
 
 std::mt19937 rng(1234);
-float rnd(float mean = 0.0f, float sd = 1.0f) { std::normal_distribution<float> d(mean, sd); return d(rng); }
+// x ~ N(g_x_mean, g_x_sd) in test_fwd; sd 0 gives constant rows.
+static float g_x_mean = 0.3f, g_x_sd = 1.5f;
+float rnd(float mean = 0.0f, float sd = 1.0f) {
+  if (sd == 0.0f) return mean; std::normal_distribution<float> d(mean, sd); return d(rng); }
 
 template <typename T>
 void test_fwd(int64_t M, int64_t N, bool res, bool hw, bool hb, int act, int pad, int mis, int out_mis = 0) {
@@ -107,7 +110,7 @@ void test_fwd(int64_t M, int64_t N, bool res, bool hw, bool hb, int act, int pad
   Report rep{nm};
   if (std::getenv("EMU_VERBOSE")) { static auto t0 = std::chrono::steady_clock::now(); std::fprintf(stderr, "%.2f %s\n", std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count(), nm); }
   Buf<T> x(M, N, N + pad, mis), r(M, N, N + 2 * pad, mis), y(M, N, N, out_mis), h(M, N, N, out_mis), w(1, N, N, 0), b(1, N, N, 0);
-  for (int64_t i = 0; i < M; ++i) for (int64_t j = 0; j < N; ++j) { x.at(i, j) = ff<T>(rnd(0.3f, 1.5f)); r.at(i, j) = ff<T>(rnd()); }
+  for (int64_t i = 0; i < M; ++i) for (int64_t j = 0; j < N; ++j) { x.at(i, j) = ff<T>(rnd(g_x_mean, g_x_sd)); r.at(i, j) = ff<T>(rnd()); }
   for (int64_t j = 0; j < N; ++j) { w.at(0, j) = ff<T>(rnd(1.0f, 0.5f)); b.at(0, j) = ff<T>(rnd(0.0f, 0.5f)); }
   std::vector<float> mean(M + 1, -7.f), rstd(M + 1, -7.f);
   LayerNormFwdArgs a;
@@ -249,6 +252,16 @@ int main(int argc, char** argv) {
       test_fwd<__nv_bfloat16>(300, 8, true, true, true, 2, 0, 0);       // tpr 1, many rows
       test_fwd<float>(300, 3, true, true, true, 2, 1, 0);               // scalar, tpr 1
     }
+  }
+  if (which == "fwd" || which == "all" || quick) {  // constant rows must normalize to exactly 0
+    g_x_mean = 1000.1f;
+    g_x_sd = 0.0f;
+    for (int64_t N : {97, 1024, 1025, 40000}) {
+      test_fwd<float>(3, N, false, true, true, 0, 0, 0);
+      test_fwd<__nv_bfloat16>(3, N, false, true, true, 1, 0, 0);
+    }
+    g_x_mean = 0.3f;
+    g_x_sd = 1.5f;
   }
   if (which == "bwd" || which == "all" || quick) {
     for (int64_t N : {1, 7, 8, 16, 97, 384, 768, 1000, 1023, 1024, 1025, 1500, 2048}) {
