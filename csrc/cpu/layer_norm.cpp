@@ -259,22 +259,14 @@ void layer_norm_fwd_cpu(const LayerNormFwdArgs& a, int num_threads) {
   static constexpr const char* kOp = "layer_norm_fwd_cpu";
   validate_layer_norm_fwd(a, kOp);
   require_cpu_dtype(a.x.dtype, kOp);
-  switch (a.x.dtype) {
-    case DType::kFloat32: return fwd_impl<float>(a, num_threads);
-    case DType::kFloat64: return fwd_impl<double>(a, num_threads);
-    default: return fwd_impl<bf16_t>(a, num_threads);
-  }
+  PYDL_DISPATCH_FLOATING(a.x.dtype, kOp, [&] { fwd_impl<scalar_t>(a, num_threads); });
 }
 
 void layer_norm_bwd_cpu(const LayerNormBwdArgs& a, int num_threads) {
   static constexpr const char* kOp = "layer_norm_bwd_cpu";
   validate_layer_norm_bwd(a, kOp);
   require_cpu_dtype(a.x.dtype, kOp);
-  switch (a.x.dtype) {
-    case DType::kFloat32: return bwd_impl<float>(a, num_threads);
-    case DType::kFloat64: return bwd_impl<double>(a, num_threads);
-    default: return bwd_impl<bf16_t>(a, num_threads);
-  }
+  PYDL_DISPATCH_FLOATING(a.x.dtype, kOp, [&] { bwd_impl<scalar_t>(a, num_threads); });
 }
 
 }  // namespace pydl

@@ -5,7 +5,6 @@
 #pragma once
 
 #include <cstdint>
-#include <cstring>
 #include <stdexcept>
 #include <string>
 
@@ -40,26 +39,11 @@ inline int64_t dtype_size(DType t) {
   return 0;
 }
 
-// Host-side bfloat16 storage type for the CPU kernels: 16 bits, converted to and from float
-// with round-to-nearest-even (NaN stays NaN). CUDA code uses __nv_bfloat16 instead.
+// Host-side bfloat16 storage type for the CPU kernels (conversions: csrc/cpu/cpu_utils.h).
+// CUDA code uses __nv_bfloat16 instead.
 struct bf16_t {
   uint16_t bits;
 };
-
-inline float bf16_to_float(bf16_t v) {
-  uint32_t u = static_cast<uint32_t>(v.bits) << 16;
-  float f;
-  std::memcpy(&f, &u, sizeof(f));
-  return f;
-}
-
-inline bf16_t float_to_bf16(float f) {
-  uint32_t u;
-  std::memcpy(&u, &f, sizeof(u));
-  if ((u & 0x7fffffffu) > 0x7f800000u) return bf16_t{static_cast<uint16_t>((u >> 16) | 0x40u)};
-  uint32_t rounding_bias = 0x7fffu + ((u >> 16) & 1u);
-  return bf16_t{static_cast<uint16_t>((u + rounding_bias) >> 16)};
-}
 
 }  // namespace pydl
 
