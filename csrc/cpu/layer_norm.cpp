@@ -65,9 +65,15 @@ PYDL_INLINE void fwd_rows(const LayerNormFwdArgs& a, const acc_t<T>* w, const ac
         h[j] = hj;
         row[j] = to_acc(hj);
       }
-    } else {
+    } else if constexpr (!std::is_same_v<T, A>) {
 #pragma omp simd
       for (int64_t j = 0; j < n; ++j) row[j] = to_acc(x[j]);
+    }
+    // The statistics and output passes read `src`: the input itself when it is already in the
+    // accumulation type (no residual), else the converted scratch row.
+    const A* src = row;
+    if constexpr (std::is_same_v<T, A>) {
+      if (!a.residual.defined) src = x;
     }
     // Corrected two-pass statistics: a first mean, then the deviations' sum s and squared sum
     // sq around it; mean = mean0 + s/n and var = sq/n - (s/n)^2 stay exact for constant rows
@@ -78,7 +84,7 @@ PYDL_INLINE void fwd_rows(const LayerNormFwdArgs& a, const acc_t<T>* w, const ac
       const int64_t j1 = std::min(n, j0 + kSumBlock);
       A part = 0;
 #pragma omp simd reduction(+ : part)
-      for (int64_t j = j0; j < j1; ++j) part += row[j];
+      for (int64_t j = j0; j < j1; ++j) part += src[j];
       sum += part;
     }
     const A mean0 = static_cast<A>(sum / static_cast<double>(n));
@@ -88,7 +94,7 @@ PYDL_INLINE void fwd_rows(const LayerNormFwdArgs& a, const acc_t<T>* w, const ac
       A part_s = 0, part_sq = 0;
 #pragma omp simd reduction(+ : part_s, part_sq)
       for (int64_t j = j0; j < j1; ++j) {
-        const A d = row[j] - mean0;
+        const A d = src[j] - mean0;
         part_s += d;
         part_sq += d * d;
       }
@@ -104,7 +110,7 @@ PYDL_INLINE void fwd_rows(const LayerNormFwdArgs& a, const acc_t<T>* w, const ac
     T* y = a.y.ptr<T>() + r * n;
 #pragma omp simd
     for (int64_t j = 0; j < n; ++j) {
-      y[j] = from_acc<T>(activation<ACT>((row[j] - mean) * rstd * w[j] + b[j]));
+      y[j] = from_acc<T>(activation<ACT>((src[j] - mean) * rstd * w[j] + b[j]));
     }
   }
 }
