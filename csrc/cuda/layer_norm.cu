@@ -47,6 +47,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cmath>
+#include <initializer_list>
 #include <map>
 #include <mutex>
 #include <tuple>
@@ -848,6 +849,36 @@ bool rows_aligned(const TensorView& t, int64_t m, int vec) {
 }
 int64_t row_stride(const TensorView& t) { return t.defined ? t.stride(0) : 0; }
 
+// Sizes, row strides and activation of one launch: `x` the normalized input, `a`/`b` the second
+// and third (M, N) operands (residual/h forward, dy/dh backward), `o` the (M, N) output.
+RowShape row_shape(const TensorView& x, const TensorView& a, const TensorView& b,
+                   const TensorView& o, Activation act) {
+  RowShape s{};
+  s.m = x.size(0);
+  s.n = static_cast<int>(x.size(1));
+  s.inv_n = 1.0f / static_cast<float>(s.n);
+  s.x_rs = row_stride(x);
+  s.a_rs = row_stride(a);
+  s.b_rs = row_stride(b);
+  s.o_rs = row_stride(o);
+  s.act = static_cast<int>(act);
+  return s;
+}
+
+// 16-byte accesses are legal when N is a multiple of `vec` and every base pointer and every
+// (M, N) row stride keeps that alignment (undefined optional views pass).
+bool vectorizable(int vec, const RowShape& s, std::initializer_list<const TensorView*> matrices,
+                  std::initializer_list<const TensorView*> vectors) {
+  if (s.n % vec != 0) return false;
+  for (const TensorView* t : matrices) {
+    if (!aligned16(*t) || !rows_aligned(*t, s.m, vec)) return false;
+  }
+  for (const TensorView* t : vectors) {
+    if (!aligned16(*t)) return false;
+  }
+  return true;
+}
+
 template <typename T>
 const T* cptr(const TensorView& t) {
   return t.defined ? static_cast<const T*>(t.data) : nullptr;
@@ -915,21 +946,9 @@ void fwd_launch(const LayerNormFwdArgs& a, RowShape s, cudaStream_t stream) {
 template <typename T>
 void fwd_impl(const LayerNormFwdArgs& a, cudaStream_t stream) {
   constexpr int V = cuda::kVec16<T>;
-  const int64_t m = a.x.size(0), n = a.x.size(1);
-  RowShape s{};
-  s.m = m;
-  s.n = static_cast<int>(n);
-  s.inv_n = 1.0f / static_cast<float>(n);
-  s.x_rs = row_stride(a.x);
-  s.a_rs = row_stride(a.residual);
-  s.b_rs = row_stride(a.h);
-  s.o_rs = row_stride(a.y);
-  s.act = static_cast<int>(a.act);
+  RowShape s = row_shape(a.x, a.residual, a.h, a.y, a.act);
   s.eps = static_cast<float>(a.eps);
-  const bool vec = n % V == 0 && aligned16(a.x) && aligned16(a.residual) && aligned16(a.h) &&
-                   aligned16(a.y) && aligned16(a.weight) && aligned16(a.bias) &&
-                   rows_aligned(a.x, m, V) && rows_aligned(a.residual, m, V) &&
-                   rows_aligned(a.h, m, V) && rows_aligned(a.y, m, V);
+  const bool vec = vectorizable(V, s, {&a.x, &a.residual, &a.h, &a.y}, {&a.weight, &a.bias});
   if (vec) {
     fwd_launch<T, V>(a, s, stream);
   } else {
@@ -991,20 +1010,8 @@ void bwd_launch(const LayerNormBwdArgs& a, RowShape s, int64_t ws_rows, cudaStre
 template <typename T>
 void bwd_impl(const LayerNormBwdArgs& a, int64_t ws_rows, cudaStream_t stream) {
   constexpr int V = cuda::kVec16<T>;
-  const int64_t m = a.x.size(0), n = a.x.size(1);
-  RowShape s{};
-  s.m = m;
-  s.n = static_cast<int>(n);
-  s.inv_n = 1.0f / static_cast<float>(n);
-  s.x_rs = row_stride(a.x);
-  s.a_rs = row_stride(a.dy);
-  s.b_rs = row_stride(a.dh);
-  s.o_rs = row_stride(a.dx);
-  s.act = static_cast<int>(a.act);
-  const bool vec = n % V == 0 && aligned16(a.dy) && aligned16(a.dh) && aligned16(a.x) &&
-                   aligned16(a.dx) && aligned16(a.weight) && aligned16(a.bias) &&
-                   rows_aligned(a.dy, m, V) && rows_aligned(a.dh, m, V) &&
-                   rows_aligned(a.x, m, V) && rows_aligned(a.dx, m, V);
+  const RowShape s = row_shape(a.x, a.dy, a.dh, a.dx, a.act);
+  const bool vec = vectorizable(V, s, {&a.dy, &a.dh, &a.x, &a.dx}, {&a.weight, &a.bias});
   if (vec) {
     bwd_launch<T, V>(a, s, ws_rows, stream);
   } else {
