@@ -221,6 +221,10 @@ def _activation(z: Tensor, act: int) -> Tensor:
     return F.gelu(z, approximate="tanh" if act == ACT_GELU_TANH else "none")
 
 
+_SQRT_HALF = math.sqrt(0.5)
+_INV_SQRT_2PI = 1 / math.sqrt(2 * math.pi)
+
+
 def _activation_grad(z: Tensor, act: int) -> Tensor:
     """d act(z) / dz, exact for both GELU forms (as torch's gelu backward)."""
     if act == ACT_GELU:
@@ -228,10 +232,6 @@ def _activation_grad(z: Tensor, act: int) -> Tensor:
     k = math.sqrt(2 / math.pi)
     t = torch.tanh(k * (z + 0.044715 * z ** 3))
     return 0.5 * (1 + t) + 0.5 * z * (1 - t * t) * k * (1 + 3 * 0.044715 * z * z)
-
-
-_SQRT_HALF = math.sqrt(0.5)
-_INV_SQRT_2PI = 1 / math.sqrt(2 * math.pi)
 
 
 def _torch_fwd(x, residual, weight, bias, eps, act):
