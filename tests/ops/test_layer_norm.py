@@ -382,6 +382,13 @@ def test_native_cpu_many_rows(v, dtype):
     check_op(v, (4099, 33), dtype, "cpu", "native")
 
 
+@pytest.mark.parametrize("v", [LN, ADD_LN_GELU], ids=lambda v: v.id)
+def test_native_cpu_outputs_over_the_huge_page_threshold(v):
+    """y, h and dx of 8.4 MB each: the kernels first advise huge pages on their whole 2 MiB
+    pages (cpu_utils.h, threshold 4 MiB); every element, head and tail included, must be right."""
+    check_op(v, (2048, 1031), FP32, "cpu", "native")
+
+
 @pytest.mark.parametrize("shape", [(4099, 33), (3, 65536), (1, 1)], ids=_sid)
 def test_native_cpu_single_thread(shape):
     old = torch.get_num_threads()
