@@ -4,9 +4,10 @@
 // storage type, as torch does) into a float scratch row that stays in L1, two-pass mean and
 // variance from that scratch, then one fused affine + activation + store pass. So each element
 // is read once from memory and written once (twice with the residual's h).
-// Backward, per row: recompute xhat and the activation's input, fuse the weight/bias gradient
-// accumulation (per-thread partial rows, reduced in a fixed order: deterministic) with the two
-// row sums, then one pass that writes dx.
+// Backward, in blocks of 4 rows: per row one pass forms the two row sums (recomputing xhat and
+// the activation's input), then one pass over the block writes dx and adds the block's weight/
+// bias gradients into per-thread partial rows (reduced in a fixed order: deterministic).
+// Outputs of 4 MiB and more get the transparent-huge-page hint first (cpu_utils.h).
 // The row loops are compiled per ISA level (cpu_utils.h) and vectorize through `omp simd`.
 #include <algorithm>
 #include <cmath>

@@ -807,6 +807,43 @@ def test_device_mix(op, backend):
             ops.add_layer_norm(_randn((4, 8), FP32, "cpu"), x, backend=backend)
 
 
+# ---- the activation alone, over a wide range --------------------------------------------------------
+
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+def test_native_cpu_activation_accuracy_over_a_wide_range(approximate):
+    """weight = 0 makes z = bias, so y = gelu(bias) and dbias = gelu'(bias) (dy = 1, one row).
+
+    A dense float32 sweep of [-12, 12] (both tails and the CPU normal-CDF clamp at |z| = 5.5):
+    the error relative to 1 + |z| may be at most twice torch's own float32 F.gelu error;
+    gelu(+-inf) and its gradient are inf/NaN exactly where float64 torch's are (float32
+    F.gelu gives NaN at +inf, float64 gives inf)."""
+    n = 20001
+    z = torch.linspace(-12, 12, n)
+    z[n // 2 + 1] = 5.5  # the clamp point itself
+    z[0], z[-1] = -float("inf"), float("inf")
+    b = z.clone().requires_grad_()
+    y = ops.layer_norm_gelu(_randn((1, n), FP32, "cpu"), torch.zeros(n), b, approximate=approximate,
+                            backend="native")
+    (db,) = torch.autograd.grad(y, [b], torch.ones_like(y))
+    z64 = z.double().requires_grad_()
+    ref = F.gelu(z64, approximate=approximate)
+    (dref,) = torch.autograd.grad(ref, [z64], torch.ones_like(ref))
+    tz = z.clone().requires_grad_()
+    ty = F.gelu(tz, approximate=approximate)
+    (tdb,) = torch.autograd.grad(ty, [tz], torch.ones_like(ty))
+    for out, exact in ((y[0], ref), (db, dref)):
+        out, exact = out.detach(), exact.detach()
+        assert torch.equal(out.isnan(), exact.isnan()) and torch.equal(out.isinf(), exact.isinf())
+    finite = slice(1, n - 1)
+    size = 1 + z64.detach()[finite].abs()
+
+    def err(out, exact):
+        return ((out.detach().double()[finite] - exact.detach()[finite]).abs() / size).max().item()
+
+    assert err(y[0], ref) <= 2 * err(ty, ref) + 1e-8, "forward"
+    assert err(db, dref) <= 2 * err(tdb, dref) + 1e-8, "backward"
+
+
 # ---- NaN / Inf pass through like torch ------------------------------------------------------------
 
 @pytest.mark.parametrize("backend", [None, "native", "torch"])
