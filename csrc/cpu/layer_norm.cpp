@@ -60,11 +60,13 @@ PYDL_INLINE void fwd_rows(const LayerNormFwdArgs& a, const acc_t<T>* w, const ac
     if (a.residual.defined) {
       const T* res = a.residual.ptr<const T>() + r * a.residual.strides[0];
       T* h = a.h.ptr<T>() + r * n;
+      // h is rounded to T as torch rounds x + residual; no named T temporary in the loop (a
+      // struct-typed SIMD-private variable keeps GCC from vectorizing it for bfloat16).
 #pragma omp simd
       for (int64_t j = 0; j < n; ++j) {
-        T hj = from_acc<T>(to_acc(x[j]) + to_acc(res[j]));
-        h[j] = hj;
-        row[j] = to_acc(hj);
+        const A hj = to_acc(from_acc<T>(to_acc(x[j]) + to_acc(res[j])));
+        h[j] = from_acc<T>(hj);  // exact: hj is representable in T
+        row[j] = hj;
       }
     } else if constexpr (!std::is_same_v<T, A>) {
 #pragma omp simd
