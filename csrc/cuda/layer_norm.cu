@@ -122,6 +122,17 @@ __device__ __forceinline__ float act_grad(float z) {
   }
 }
 
+// Calls f(std::integral_constant<int, ACT>{}) for the runtime activation code, so the branch is
+// taken once per row (or chunk) and the loops inside f are compiled per activation.
+template <typename F>
+__device__ __forceinline__ void with_activation(int act, F&& f) {
+  switch (act) {
+    case kActGelu: f(std::integral_constant<int, kActGelu>{}); break;
+    case kActGeluTanh: f(std::integral_constant<int, kActGeluTanh>{}); break;
+    default: f(std::integral_constant<int, kActNone>{}); break;
+  }
+}
+
 // ---- kernel arguments -----------------------------------------------------------------------
 
 struct RowShape {
@@ -151,26 +162,17 @@ __device__ __forceinline__ void load_param(const T* p, int c, float neutral, flo
 
 // ---- forward: row cached in registers ---------------------------------------------------------
 
-// y = act((v - mean) * rstd * w + b) for the chunks this thread owns.
-template <typename T, int VEC, int ITEMS, int ACT>
-__device__ __forceinline__ void fwd_write_row(const Vec<T, VEC> (&v)[ITEMS], bool valid, int t,
-                                              int tpr, int nchunks, float mean, float rstd,
-                                              const T* __restrict__ w, const T* __restrict__ b,
-                                              T* __restrict__ yr) {
+// Chunk c of y = act((v - mean) * rstd * w + b); v holds the chunk's inputs (overwritten).
+template <typename T, int VEC, int ACT>
+__device__ __forceinline__ void fwd_store_chunk(float (&v)[VEC], int c, float mean, float rstd,
+                                                const T* __restrict__ w, const T* __restrict__ b,
+                                                T* __restrict__ yr) {
+  float wv[VEC], bv[VEC];
+  load_param<T, VEC>(w, c, 1.0f, wv);
+  load_param<T, VEC>(b, c, 0.0f, bv);
 #pragma unroll
-  for (int i = 0; i < ITEMS; ++i) {
-    const int c = i * tpr + t;
-    if (valid && c < nchunks) {
-      float wv[VEC], bv[VEC], o[VEC];
-      load_param<T, VEC>(w, c, 1.0f, wv);
-      load_param<T, VEC>(b, c, 0.0f, bv);
-#pragma unroll
-      for (int k = 0; k < VEC; ++k) {
-        o[k] = act_fwd<ACT>((to_float(v[i].v[k]) - mean) * rstd * wv[k] + bv[k]);
-      }
-      store_floats<T, VEC>(yr + static_cast<int64_t>(c) * VEC, o);
-    }
-  }
+  for (int k = 0; k < VEC; ++k) v[k] = act_fwd<ACT>((v[k] - mean) * rstd * wv[k] + bv[k]);
+  store_floats<T, VEC>(yr + static_cast<int64_t>(c) * VEC, v);
 }
 
 // Shapes: x, res (m, n) row strides x_rs, a_rs; h (m, n) row stride b_rs; y (m, n) row stride
@@ -245,17 +247,18 @@ __global__ void __launch_bounds__(kMaxThreads, 1)
     }
 
     T* yr = y + (valid ? row : 0) * s.o_rs;
-    switch (s.act) {
-      case kActGelu:
-        fwd_write_row<T, VEC, ITEMS, kActGelu>(v, valid, t, tpr, nchunks, mean, rstd, w, b, yr);
-        break;
-      case kActGeluTanh:
-        fwd_write_row<T, VEC, ITEMS, kActGeluTanh>(v, valid, t, tpr, nchunks, mean, rstd, w, b, yr);
-        break;
-      default:
-        fwd_write_row<T, VEC, ITEMS, kActNone>(v, valid, t, tpr, nchunks, mean, rstd, w, b, yr);
-        break;
-    }
+    with_activation(s.act, [&](auto act) {
+#pragma unroll
+      for (int i = 0; i < ITEMS; ++i) {
+        const int c = i * tpr + t;
+        if (valid && c < nchunks) {
+          float o[VEC];
+#pragma unroll
+          for (int k = 0; k < VEC; ++k) o[k] = to_float(v[i].v[k]);
+          fwd_store_chunk<T, VEC, decltype(act)::value>(o, c, mean, rstd, w, b, yr);
+        }
+      }
+    });
     // Next iteration: `red` is written again only after the variance barrier of this one, which
     // every thread passes after reading the mean slots; the variance slots are rewritten only
     // after the next mean barrier. No extra barrier needed.
@@ -274,23 +277,6 @@ __device__ __forceinline__ void chan_merge(float& na, float& ma, float& qa, floa
     ma = ma + d * fb;
     qa = qa + qb + d * d * na * fb;
     na = n;
-  }
-}
-
-template <typename T, int VEC, int ACT>
-__device__ __forceinline__ void fwd_uncached_write(const T* __restrict__ src, int t, int tpr,
-                                                   int nchunks, float mean, float rstd,
-                                                   const T* __restrict__ w, const T* __restrict__ b,
-                                                   T* __restrict__ yr) {
-#pragma unroll 4
-  for (int c = t; c < nchunks; c += tpr) {
-    float v[VEC], wv[VEC], bv[VEC];
-    load_floats<T, VEC>(src + static_cast<int64_t>(c) * VEC, v);
-    load_param<T, VEC>(w, c, 1.0f, wv);
-    load_param<T, VEC>(b, c, 0.0f, bv);
-#pragma unroll
-    for (int k = 0; k < VEC; ++k) v[k] = act_fwd<ACT>((v[k] - mean) * rstd * wv[k] + bv[k]);
-    store_floats<T, VEC>(yr + static_cast<int64_t>(c) * VEC, v);
   }
 }
 
@@ -391,17 +377,14 @@ __global__ void __launch_bounds__(kFwdUncachedThreads, 2)
     // addresses) and write y.
     const T* src = rr != nullptr ? static_cast<const T*>(hr) : xr;
     T* yr = y + row * s.o_rs;
-    switch (s.act) {
-      case kActGelu:
-        fwd_uncached_write<T, VEC, kActGelu>(src, t, tpr, nchunks, mean, rstd, w, b, yr);
-        break;
-      case kActGeluTanh:
-        fwd_uncached_write<T, VEC, kActGeluTanh>(src, t, tpr, nchunks, mean, rstd, w, b, yr);
-        break;
-      default:
-        fwd_uncached_write<T, VEC, kActNone>(src, t, tpr, nchunks, mean, rstd, w, b, yr);
-        break;
-    }
+    with_activation(s.act, [&](auto act) {
+#pragma unroll 4
+      for (int c = t; c < nchunks; c += tpr) {
+        float v[VEC];
+        load_floats<T, VEC>(src + static_cast<int64_t>(c) * VEC, v);
+        fwd_store_chunk<T, VEC, decltype(act)::value>(v, c, mean, rstd, w, b, yr);
+      }
+    });
   }
 }
 
@@ -437,11 +420,9 @@ __device__ __forceinline__ void bwd_load_chunk(const T* __restrict__ xr, const T
 #pragma unroll
     for (int k = 0; k < VEC; ++k) bv[k] = 0.0f;
   }
-  switch (act) {
-    case kActGelu: bwd_xhat_g<VEC, kActGelu>(xv, gv, wv, bv, mean, rstd); break;
-    case kActGeluTanh: bwd_xhat_g<VEC, kActGeluTanh>(xv, gv, wv, bv, mean, rstd); break;
-    default: bwd_xhat_g<VEC, kActNone>(xv, gv, wv, bv, mean, rstd); break;
-  }
+  with_activation(act, [&](auto a) {
+    bwd_xhat_g<VEC, decltype(a)::value>(xv, gv, wv, bv, mean, rstd);
+  });
 }
 
 // dx = rstd * (dxhat - c1 - xhat * c2) (+ dh) for one chunk.
@@ -730,18 +711,26 @@ int current_device() {
   return dev;
 }
 
-int sm_count(int dev) {
+// cudaDeviceGetAttribute(ATTR) of device `dev`, raised to at least `floor`; cached per device.
+template <cudaDeviceAttr ATTR>
+int device_attribute(int dev, int floor) {
   constexpr int kCached = 64;
   static std::atomic<int> cache[kCached] = {};
   if (dev >= 0 && dev < kCached) {
     const int v = cache[dev].load(std::memory_order_relaxed);
     if (v > 0) return v;
   }
-  int sms = 0;
-  PYDL_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
-  sms = std::max(sms, 1);
-  if (dev >= 0 && dev < kCached) cache[dev].store(sms, std::memory_order_relaxed);
-  return sms;
+  int value = 0;
+  PYDL_CUDA_CHECK(cudaDeviceGetAttribute(&value, ATTR, dev));
+  value = std::max(value, floor);
+  if (dev >= 0 && dev < kCached) cache[dev].store(value, std::memory_order_relaxed);
+  return value;
+}
+
+int sm_count(int dev) { return device_attribute<cudaDevAttrMultiProcessorCount>(dev, 1); }
+
+int max_smem_optin(int dev) {
+  return device_attribute<cudaDevAttrMaxSharedMemoryPerBlockOptin>(dev, 48 * 1024);
 }
 
 // Resident blocks per SM of `kernel` at this block size and dynamic smem (>= 1), cached.
@@ -760,20 +749,6 @@ int blocks_per_sm(int dev, const void* kernel, int block, size_t smem) {
   std::lock_guard<std::mutex> lock(mu);
   cache[key] = n;
   return n;
-}
-
-int max_smem_optin(int dev) {
-  constexpr int kCached = 64;
-  static std::atomic<int> cache[kCached] = {};
-  if (dev >= 0 && dev < kCached) {
-    const int v = cache[dev].load(std::memory_order_relaxed);
-    if (v > 0) return v;
-  }
-  int bytes = 0;
-  PYDL_CUDA_CHECK(cudaDeviceGetAttribute(&bytes, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
-  bytes = std::max(bytes, 48 * 1024);
-  if (dev >= 0 && dev < kCached) cache[dev].store(bytes, std::memory_order_relaxed);
-  return bytes;
 }
 
 // Dynamic shared memory above the default 48 KB must be opted into, per kernel and device.
@@ -1024,6 +999,15 @@ void require_cuda_dtype(DType t, const char* op) {
              ": the CUDA kernel supports float32, float16 and bfloat16, got ", dtype_name(t));
 }
 
+// f(T{}) for the storage type T of `t` (float, __half or bf16), after require_cuda_dtype: the
+// kernels are never instantiated for double.
+template <typename F>
+void dispatch_cuda_dtype(DType t, const char* op, F&& f) {
+  PYDL_DISPATCH_FLOATING(t, op, [&] {
+    if constexpr (!std::is_same_v<scalar_t, double>) f(scalar_t{});
+  });
+}
+
 }  // namespace
 
 void layer_norm_fwd_cuda(const LayerNormFwdArgs& a, void* stream) {
@@ -1034,13 +1018,7 @@ void layer_norm_fwd_cuda(const LayerNormFwdArgs& a, void* stream) {
              a.x.size(1));
   if (a.x.size(0) == 0) return;
   const auto s = static_cast<cudaStream_t>(stream);
-  PYDL_DISPATCH_FLOATING(a.x.dtype, kOp, [&] {
-    if constexpr (std::is_same_v<scalar_t, double>) {
-      throw std::invalid_argument(std::string(kOp) + ": float64 is not supported on CUDA");
-    } else {
-      fwd_impl<scalar_t>(a, s);
-    }
-  });
+  dispatch_cuda_dtype(a.x.dtype, kOp, [&](auto tag) { fwd_impl<decltype(tag)>(a, s); });
 }
 
 void layer_norm_bwd_cuda(const LayerNormBwdArgs& a, void* stream) {
@@ -1063,21 +1041,12 @@ void layer_norm_bwd_cuda(const LayerNormBwdArgs& a, void* stream) {
   }
   const auto s = static_cast<cudaStream_t>(stream);
   if (m == 0) {  // empty batch: the parameter gradients are zeros
-    if (a.dweight.defined) {
-      PYDL_CUDA_CHECK(cudaMemsetAsync(a.dweight.data, 0, n * dtype_size(a.x.dtype), s));
-    }
-    if (a.dbias.defined) {
-      PYDL_CUDA_CHECK(cudaMemsetAsync(a.dbias.data, 0, n * dtype_size(a.x.dtype), s));
+    for (const TensorView* g : {&a.dweight, &a.dbias}) {
+      if (g->defined) PYDL_CUDA_CHECK(cudaMemsetAsync(g->data, 0, n * dtype_size(a.x.dtype), s));
     }
     return;
   }
-  PYDL_DISPATCH_FLOATING(a.x.dtype, kOp, [&] {
-    if constexpr (std::is_same_v<scalar_t, double>) {
-      throw std::invalid_argument(std::string(kOp) + ": float64 is not supported on CUDA");
-    } else {
-      bwd_impl<scalar_t>(a, ws_rows, s);
-    }
-  });
+  dispatch_cuda_dtype(a.x.dtype, kOp, [&](auto tag) { bwd_impl<decltype(tag)>(a, ws_rows, s); });
 }
 
 int64_t layer_norm_bwd_cuda_num_partials(int64_t M, int64_t N) {
