@@ -585,19 +585,23 @@ def test_n_above_kernel_limit(v, backend):
 
 # ---- gradcheck in float64 -----------------------------------------------------------------------------
 
-@pytest.mark.parametrize("shape", [(3, 7), (2, 2, 5), (1, 1)], ids=_sid)
-@pytest.mark.parametrize("v", VARIANTS, ids=VIDS)
-def test_gradcheck_native_float64(v, shape):
-    case = make_case(v, shape, FP64, "cpu")
+def _gradcheck_native(v, case, eps):
+    """torch.autograd.gradcheck of the native op over every tensor argument of ``case``."""
     named = case.named()
     leaves = [t.detach().clone().requires_grad_() for _, t in named]
     keys = [n for n, _ in named]
 
     def fn(*args):
         d = dict(zip(keys, args))
-        return run_pydl(v, d["x"], d.get("residual"), d.get("weight"), d.get("bias"), 1e-3, "native")
+        return run_pydl(v, d["x"], d.get("residual"), d.get("weight"), d.get("bias"), eps, "native")
 
-    assert torch.autograd.gradcheck(fn, leaves, eps=1e-6, atol=1e-7, rtol=1e-5)
+    return torch.autograd.gradcheck(fn, leaves, eps=1e-6, atol=1e-7, rtol=1e-5)
+
+
+@pytest.mark.parametrize("shape", [(3, 7), (2, 2, 5), (1, 1)], ids=_sid)
+@pytest.mark.parametrize("v", VARIANTS, ids=VIDS)
+def test_gradcheck_native_float64(v, shape):
+    assert _gradcheck_native(v, make_case(v, shape, FP64, "cpu"), 1e-3)
 
 
 @pytest.mark.parametrize("weight,bias", [(False, False), (True, False), (False, True)],
@@ -605,15 +609,7 @@ def test_gradcheck_native_float64(v, shape):
 @pytest.mark.parametrize("v", [LN, LN_GELU_TANH, ADD_LN_GELU], ids=lambda v: v.id)
 def test_gradcheck_native_float64_optional_affine(v, weight, bias):
     case = make_case(v, (3, 6), FP64, "cpu", weight=weight, bias=bias, layout="sliced")
-    named = case.named()
-    leaves = [t.detach().clone().requires_grad_() for _, t in named]
-    keys = [n for n, _ in named]
-
-    def fn(*args):
-        d = dict(zip(keys, args))
-        return run_pydl(v, d["x"], d.get("residual"), d.get("weight"), d.get("bias"), 1e-5, "native")
-
-    assert torch.autograd.gradcheck(fn, leaves, eps=1e-6, atol=1e-7, rtol=1e-5)
+    assert _gradcheck_native(v, case, 1e-5)
 
 
 # ---- torch backend and automatic choice ----------------------------------------------------------------
