@@ -55,7 +55,7 @@ inline IsaLevel isa_level() {
 }
 
 // Defines `name` for each ISA level from one body and a dispatcher `name(args...)` that calls
-// the best one this CPU runs. Usage: PYDL_ISA_DISPATCH(ret, name, (params), (args), body-call).
+// the best one this CPU runs. Usage: PYDL_ISA_DISPATCH(name, (params), (args), body-call).
 #if PYDL_HAVE_ISA_LEVELS
 #define PYDL_ISA_DISPATCH(name, params, args, body)                      \
   PYDL_TARGET_AVX512 void name##_avx512 params { body; }                 \

@@ -9,6 +9,7 @@ command line is wrong or a suite crashed; regressions and mismatches are reporte
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime as _dt
 import os
 import platform
@@ -22,7 +23,7 @@ import torch
 
 from . import ceilings as _ceilings
 from . import report, suites
-from .timing import TimingPolicy, default_policy, release_buffers
+from .timing import default_policy, release_buffers
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _MODES = ("fwd", "bwd", "fwd+bwd")
@@ -158,12 +159,10 @@ def main(argv=None) -> int:
     policy = default_policy(device, args.quick or args.smoke)
     shapes = args.shapes or (_SMOKE_SHAPES if args.smoke else None)
     if args.smoke:
-        policy = TimingPolicy(budget_s=0.01, min_reps=3, max_reps=20, warmup_s=0.0, min_warmup=1,
-                              flush_l2=policy.flush_l2)
+        policy = dataclasses.replace(policy, budget_s=0.01, min_reps=3, max_reps=20, warmup_s=0.0,
+                                     min_warmup=1)
     if args.budget_s is not None:
-        policy = TimingPolicy(budget_s=args.budget_s, min_reps=policy.min_reps, max_reps=policy.max_reps,
-                              warmup_s=policy.warmup_s, min_warmup=policy.min_warmup,
-                              flush_l2=policy.flush_l2)
+        policy = dataclasses.replace(policy, budget_s=args.budget_s)
 
     started = time.monotonic()
     out = args.out or os.path.join("bench-out", f"{_dt.datetime.now().strftime('%Y%m%d-%H%M%S')}-{device.type}")

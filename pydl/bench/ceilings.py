@@ -7,7 +7,7 @@ matmul rate: ``a @ b`` on random data (CUDA: bf16 8192^3; CPU: fp32 2048^3), 2·
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -48,8 +48,7 @@ def measure_matmul_tflops(device: torch.device, size: int, dtype: torch.dtype, p
 
 
 def _no_flush(policy: TimingPolicy) -> TimingPolicy:
-    return TimingPolicy(budget_s=policy.budget_s, min_reps=policy.min_reps, max_reps=policy.max_reps,
-                        warmup_s=policy.warmup_s, min_warmup=policy.min_warmup, flush_l2=False)
+    return replace(policy, flush_l2=False)
 
 
 def measure(device: torch.device | str, quick: bool = False, small: bool = False) -> Ceilings:

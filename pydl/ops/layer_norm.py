@@ -223,23 +223,26 @@ def _activation(z: Tensor, act: int) -> Tensor:
 
 _SQRT_HALF = math.sqrt(0.5)
 _INV_SQRT_2PI = 1 / math.sqrt(2 * math.pi)
+_SQRT_2_OVER_PI = math.sqrt(2 / math.pi)
+_GELU_TANH_COEF = 0.044715
 
 
 def _activation_grad(z: Tensor, act: int) -> Tensor:
     """d act(z) / dz, exact for both GELU forms (as torch's gelu backward)."""
     if act == ACT_GELU:
         return 0.5 * (1 + torch.erf(z * _SQRT_HALF)) + z * _INV_SQRT_2PI * torch.exp(-0.5 * z * z)
-    k = math.sqrt(2 / math.pi)
-    t = torch.tanh(k * (z + 0.044715 * z ** 3))
-    return 0.5 * (1 + t) + 0.5 * z * (1 - t * t) * k * (1 + 3 * 0.044715 * z * z)
+    t = torch.tanh(_SQRT_2_OVER_PI * (z + _GELU_TANH_COEF * z ** 3))
+    du = _SQRT_2_OVER_PI * (1 + 3 * _GELU_TANH_COEF * z * z)
+    return 0.5 * (1 + t) + 0.5 * z * (1 - t * t) * du
 
 
 def _torch_fwd(x, residual, weight, bias, eps, act):
     h = x + residual if residual is not None else None
     src = (h if h is not None else x).to(_stats_dtype(x.dtype))
     mean = src.mean(-1)
-    rstd = torch.rsqrt((src - mean[:, None]).square().mean(-1) + eps)
-    z = (src - mean[:, None]) * rstd[:, None]
+    centered = src - mean[:, None]
+    rstd = torch.rsqrt(centered.square().mean(-1) + eps)
+    z = centered * rstd[:, None]
     if weight is not None:
         z = z * weight
     if bias is not None:

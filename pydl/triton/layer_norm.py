@@ -354,11 +354,10 @@ def _ln_bwd_apply_chunked_kernel(
     db_acc = tl.zeros([BLOCK_N], dtype=acc_ty)
     # int64 induction variable (row * stride may exceed 2^31); a plain int in the interpreter
     for row64 in range(pid.to(tl.int64), M, nprog.to(tl.int64)):
-        row = row64
-        mean = tl.load(MEAN + row)
-        rstd = tl.load(RSTD + row)
-        c1 = tl.load(C1 + row)
-        c2 = tl.load(C2 + row)
+        mean = tl.load(MEAN + row64)
+        rstd = tl.load(RSTD + row64)
+        c1 = tl.load(C1 + row64)
+        c2 = tl.load(C2 + row64)
         x = tl.load(X + row64 * stride_x + c, mask=cm, other=0.0).to(acc_ty)
         dy = tl.load(DY + row64 * stride_dy + c, mask=cm, other=0.0).to(acc_ty)
         xhat = tl.where(cm, (x - mean) * rstd, 0.0)
