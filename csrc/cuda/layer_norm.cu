@@ -561,31 +561,28 @@ __global__ void __launch_bounds__(kMaxThreads, 1)
   if (!partials) return;  // block-uniform
   float* wsr = ws + static_cast<int64_t>(blockIdx.x) * 2 * s.n;
   if constexpr (!ACC_SMEM) {
-    if (s.rpb == 1) {  // one group: this thread's columns are final
+    // put(c, k, dw, db) for each column c * VEC + k this thread summed in registers.
+    auto each_column = [&](auto&& put) {
 #pragma unroll
       for (int i = 0; i < ITEMS; ++i) {
         const int c = i * tpr + t;
         if (c < nchunks) {
 #pragma unroll
-          for (int k = 0; k < VEC; ++k) {
-            wsr[c * VEC + k] = acc_w[i][k];
-            wsr[s.n + c * VEC + k] = acc_b[i][k];
-          }
+          for (int k = 0; k < VEC; ++k) put(c, k, acc_w[i][k], acc_b[i][k]);
         }
       }
+    };
+    if (s.rpb == 1) {  // one group: this thread's columns are final
+      each_column([&](int c, int k, float dw, float db) {
+        wsr[c * VEC + k] = dw;
+        wsr[s.n + c * VEC + k] = db;
+      });
       return;
     }
-#pragma unroll
-    for (int i = 0; i < ITEMS; ++i) {
-      const int c = i * tpr + t;
-      if (c < nchunks) {
-#pragma unroll
-        for (int k = 0; k < VEC; ++k) {
-          acc[acc_index(group, 0, k, c, s.n, nchunks)] = acc_w[i][k];
-          acc[acc_index(group, 1, k, c, s.n, nchunks)] = acc_b[i][k];
-        }
-      }
-    }
+    each_column([&](int c, int k, float dw, float db) {
+      acc[acc_index(group, 0, k, c, s.n, nchunks)] = dw;
+      acc[acc_index(group, 1, k, c, s.n, nchunks)] = db;
+    });
   }
   write_partial_row<VEC>(acc, s.rpb, s.n, wsr);
 }
