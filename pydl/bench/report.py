@@ -1,10 +1,13 @@
 """Results: derived metrics, the long-format CSV, the markdown report, plots, --compare.
 
 Every row of the CSV is one (op, provider, mode, shape, dtype, device) point. ``value`` is the
-achieved bandwidth in GB/s (1e9 bytes/s) computed from the suite's minimal byte count and the
-median time; ``pct_of_ceiling`` is that over the copy bandwidth measured in the same run;
+suite's metric: achieved GB/s (1e9 bytes/s) from its minimal byte count and the median time,
+TFLOP/s from its FLOP count, or µs per call (latency suites); ``pct_of_ceiling`` is that over
+the copy bandwidth (or the matmul rate, same dtype) measured in the same run;
 ``speedup_vs_eager`` / ``speedup_vs_compile`` are baseline p50 / this p50 for the same
-op/mode/shape/dtype/device. The machine's ceilings are rows too (op = "ceiling").
+op/mode/shape/dtype/device; ``spread`` = (p80 - p20) / p50; ``flag`` says a cell stayed
+implausible after re-measuring ("noisy", "above ceiling"). The machine's ceilings are rows too
+(op = "ceiling"). Columns are only ever appended (see CSV_COLUMNS).
 """
 
 from __future__ import annotations
@@ -12,16 +15,20 @@ from __future__ import annotations
 import csv
 import math
 import os
-from collections import OrderedDict, defaultdict
+from collections import Counter, OrderedDict, defaultdict
 from typing import Iterable, Optional
 
-from .suites import COMPILE, EAGER, OK
+from . import INSTALL_EXTRAS_HINT
+from .core import COMPILE, EAGER, OK, UNITS, achieved, ceiling_for
 
 CSV_COLUMNS = (
     "op", "provider", "mode", "shape", "dtype", "device",
     "p50_ms", "p20_ms", "p80_ms", "metric", "value", "unit", "pct_of_ceiling",
     "speedup_vs_eager", "speedup_vs_compile", "status", "version", "commit", "timestamp",
     "threads", "reps", "bytes", "note",
+    # added in v2 (older CSVs lack them; readers treat them as blank)
+    "suite", "dirty", "spread", "flag", "attempts", "repeats", "p50_repeat_min", "p50_repeat_max",
+    "calls_per_sample", "flops",
 )
 KEY = ("op", "provider", "mode", "shape", "dtype", "device")
 CEILING_OP = "ceiling"
@@ -46,9 +53,13 @@ def _fmt(v: Optional[float], digits: int = 4) -> str:
 # --------------------------------------------------------------------------------- rows
 
 def finalize(records: Iterable, ceilings, meta: dict) -> list:
-    """Suite records + ceilings -> CSV rows (dicts with CSV_COLUMNS as keys, strings/numbers)."""
+    """Suite records + ceilings -> CSV rows (dicts with CSV_COLUMNS as keys, strings/numbers).
+
+    Rows also carry ``_x`` / ``_xlabel`` (plot axis) that the CSV does not hold.
+    """
     common = {"version": meta.get("version", ""), "commit": meta.get("commit", ""),
-              "timestamp": meta.get("timestamp", ""), "threads": meta.get("threads", "")}
+              "dirty": meta.get("dirty", ""), "timestamp": meta.get("timestamp", ""),
+              "threads": meta.get("threads", "")}
     device = meta.get("device", "")
     rows = []
     if ceilings is not None:
@@ -64,7 +75,6 @@ def finalize(records: Iterable, ceilings, meta: dict) -> list:
                          metric="throughput", value=ceilings.matmul_tflops, unit="TFLOP/s",
                          pct_of_ceiling=100.0, speedup_vs_eager="", speedup_vs_compile="",
                          status=OK, reps="", bytes="", note="random data"))
-    copy_gbps = ceilings.copy_gbps if ceilings is not None else None
 
     recs = list(records)
     base = {}
@@ -74,17 +84,30 @@ def finalize(records: Iterable, ceilings, meta: dict) -> list:
 
     for r in recs:
         m = r.measurement
+        metric = getattr(r, "metric", "bandwidth")
         row = dict(common, op=r.op, provider=r.provider, mode=r.mode, shape=r.shape,
                    dtype=r.dtype, device=r.device, status=r.status, note=r.note,
-                   bytes=r.bytes_moved, metric="bandwidth", unit="GB/s",
+                   bytes="" if r.bytes_moved is None else r.bytes_moved,
+                   flops="" if getattr(r, "flops", None) is None else r.flops,
+                   metric=metric, unit=UNITS.get(metric, ""), suite=getattr(r, "suite", ""),
                    p50_ms="", p20_ms="", p80_ms="", value="", pct_of_ceiling="",
-                   speedup_vs_eager="", speedup_vs_compile="", reps="")
+                   speedup_vs_eager="", speedup_vs_compile="", reps="", spread="",
+                   flag=getattr(r, "flag", ""), attempts="", repeats="", p50_repeat_min="",
+                   p50_repeat_max="", calls_per_sample="",
+                   _x=getattr(r, "plot_x", None), _xlabel=getattr(r, "x_label", ""))
         if m is not None and m.p50_ms > 0:
-            gbps = r.bytes_moved / (m.p50_ms * 1e-3) / 1e9
-            row.update(p50_ms=m.p50_ms, p20_ms=m.p20_ms, p80_ms=m.p80_ms, value=gbps,
-                       reps=m.reps, threads=m.threads)
-            if copy_gbps:
-                row["pct_of_ceiling"] = 100.0 * gbps / copy_gbps
+            work = r.bytes_moved if metric == "bandwidth" else getattr(r, "flops", None)
+            value = achieved(metric, work, m.p50_ms)
+            p50s = list(getattr(r, "repeat_p50_ms", []) or [])
+            row.update(p50_ms=m.p50_ms, p20_ms=m.p20_ms, p80_ms=m.p80_ms, reps=m.reps,
+                       threads=m.threads, spread=m.spread, calls_per_sample=m.calls_per_sample,
+                       attempts=getattr(r, "attempts", "") or "", repeats=max(1, len(p50s)),
+                       value="" if value is None else value)
+            if p50s:
+                row.update(p50_repeat_min=min(p50s), p50_repeat_max=max(p50s))
+            ceil = ceiling_for(metric, r.dtype, ceilings)
+            if ceil and value is not None:
+                row["pct_of_ceiling"] = 100.0 * value / ceil
             for col, prov in (("speedup_vs_eager", EAGER), ("speedup_vs_compile", COMPILE)):
                 b = base.get((prov, r.op, r.mode, r.shape, r.dtype, r.device))
                 if b is not None:
@@ -199,6 +222,27 @@ def _providers(rows: list) -> list:
     return list(seen)
 
 
+def _group_providers(shapes: dict) -> list:
+    seen = OrderedDict()
+    for per in shapes.values():
+        for p in per:
+            seen[p] = None
+    return list(seen)
+
+
+def fmt_us(us: float) -> str:
+    """µs without exponents: 4.21, 37.5, 636, 19065."""
+    return f"{us:.3g}" if us < 1000 else f"{us:.0f}"
+
+
+def _time(ms: float, unit: str) -> str:
+    return f"{fmt_us(ms * 1e3)} µs" if unit == "us" else f"{ms:.4g} ms"
+
+
+def _flags(r: dict) -> list:
+    return [f for f in str(r.get("flag") or "").split(";") if f]
+
+
 def _md_cell(r: Optional[dict]) -> str:
     if r is None:
         return ""
@@ -206,7 +250,11 @@ def _md_cell(r: Optional[dict]) -> str:
     st = r.get("status", "")
     if ms is None:
         return st or ""
-    parts = [f"{ms:.4g} ms"]
+    unit = r.get("unit", "")
+    parts = [_time(ms, unit)]
+    lo, hi = _num(r.get("p50_repeat_min")), _num(r.get("p50_repeat_max"))
+    if lo is not None and hi is not None:
+        parts.append(f"[{_time(lo, unit).split()[0]}–{_time(hi, unit)}]")
     sp = []
     if r["provider"] != EAGER and _num(r.get("speedup_vs_eager")) is not None:
         sp.append(f"{_num(r['speedup_vs_eager']):.2f}× e")
@@ -214,49 +262,93 @@ def _md_cell(r: Optional[dict]) -> str:
         sp.append(f"{_num(r['speedup_vs_compile']):.2f}× c")
     if sp:
         parts.append("(" + ", ".join(sp) + ")")
+    parts += [f"⚠{f}" for f in _flags(r)]
     cell = " ".join(parts)
     return f"**{st.upper()}** {cell}" if st != OK else cell
 
 
+def _best_cell(per: dict) -> str:
+    """The last column: best pydl GB/s or TFLOP/s (% of ceiling); for latency, pydl ÷ eager time."""
+    ok = [r for p, r in per.items() if p.startswith("pydl") and r.get("status") == OK
+          and _num(r.get("value")) is not None]
+    if not ok:
+        return ""
+    if ok[0].get("unit") == "us":
+        best = min(ok, key=lambda r: _num(r["p50_ms"]))
+        sp = _num(best.get("speedup_vs_eager"))
+        return "" if not sp else f"{1 / sp:.3g} {best['provider']}"
+    best = max(ok, key=lambda r: _num(r["value"]))
+    pct, v = _num(best.get("pct_of_ceiling")), _num(best["value"])
+    return (f"{v:.0f}" if v >= 100 else f"{v:.3g}") + (f" ({pct:.0f}%)" if pct is not None else "") \
+        + f" {best['provider'].replace('pydl-', '')}"
+
+
+def _best_header(unit: str) -> str:
+    return {"GB/s": "best pydl GB/s (% copy)", "TFLOP/s": "best pydl TFLOP/s (% matmul)",
+            "us": "pydl ÷ torch-eager (time)"}.get(unit, "best pydl")
+
+
+def flag_counts(rows: list) -> Counter:
+    """{"noisy": n, "above ceiling": m} over the measured (non-ceiling) rows."""
+    return Counter(f for r in rows if r["op"] != CEILING_OP for f in _flags(r))
+
+
 def markdown(rows: list, meta: dict, compare_result: Optional[dict] = None,
-             plots: Optional[list] = None, plot_note: str = "") -> str:
+             plots: Optional[list] = None, plot_note: str = "", extra: Optional[list] = None) -> str:
     out = ["# pydl benchmark report", ""]
     out.append(f"- device: {meta.get('device', '')} — {meta.get('device_name', '')}")
-    for k in ("timestamp", "version", "commit", "torch", "triton", "native", "threads", "command"):
-        if meta.get(k) not in (None, ""):
-            out.append(f"- {k}: {_md_escape(meta[k])}")
+    for k in ("timestamp", "version", "commit", "torch", "triton", "native", "threads", "measurement",
+              "command"):
+        v = meta.get(k)
+        if k == "commit" and v and meta.get("dirty") == "true":
+            v = f"{v} (uncommitted changes present)"
+        if v not in (None, ""):
+            out.append(f"- {k}: {_md_escape(v)}")
     ceil = [r for r in rows if r["op"] == CEILING_OP]
     if ceil:
         out.append("- ceilings (measured in this run): " + "; ".join(
             f"{r['mode']} {_num(r['value']):.4g} {r['unit']} ({r['dtype']} {r['shape']})" for r in ceil))
+    flags = flag_counts(rows)
+    if flags:
+        out.append("- flagged cells (still implausible after re-measuring): "
+                   + ", ".join(f"{n} {f}" for f, n in flags.items()))
     out += ["",
-            "Cells: median ms over the reps; `(k× e, k× c)` = speed-up vs torch eager and vs "
-            "torch.compile (baseline ms / this ms). GB/s counts the op's minimal traffic (each "
-            "input read once, each output written once); % is of the copy bandwidth above. "
-            "A status other than ok is shown in bold.", ""]
+            "Cells: median time per call; `(k× e, k× c)` = speed-up vs torch eager and vs "
+            "torch.compile (baseline time / this time); `[lo–hi]` = the range of the medians of "
+            "`--repeat` runs. GB/s counts the op's minimal traffic (each input read once, each "
+            "output written once); % is of the copy bandwidth above. A status other than ok is "
+            "shown in bold; ⚠noisy = spread (p80 − p20) / p50 above the limit, ⚠above ceiling = "
+            "faster than the machine's measured ceiling allows (e.g. a cache-resident working set), "
+            "both after re-measuring. `spread` is the widest spread of the row's providers.", ""]
 
-    providers = _providers(rows)
     for (op, mode, dtype, device), shapes in _groups(rows).items():
+        providers = _group_providers(shapes)
+        unit = next((r.get("unit", "") for per in shapes.values() for r in per.values()), "")
         out.append(f"## {op} — {mode} — {dtype} — {device}")
         out.append("")
-        hdr = ["shape"] + providers + ["best pydl GB/s (% copy)"]
+        hdr = ["shape"] + providers + [_best_header(unit), "spread"]
         out.append("| " + " | ".join(hdr) + " |")
         out.append("|" + "---|" * len(hdr))
         for shape in sorted(shapes, key=_shape_key):
             per = shapes[shape]
-            best = None
-            for p, r in per.items():
-                if p.startswith("pydl") and r.get("status") == OK and _num(r.get("value")) is not None:
-                    if best is None or _num(r["value"]) > _num(best["value"]):
-                        best = r
-            bcell = ""
-            if best is not None:
-                pct = _num(best.get("pct_of_ceiling"))
-                v = _num(best["value"])
-                bcell = (f"{v:.0f}" if v >= 100 else f"{v:.3g}") + (f" ({pct:.0f}%)" if pct is not None else "") \
-                    + f" {best['provider'].replace('pydl-', '')}"
-            cells = [shape] + [_md_escape(_md_cell(per.get(p))) for p in providers] + [bcell]
+            spreads = [_num(r.get("spread")) for r in per.values() if _num(r.get("spread")) is not None]
+            cells = [shape] + [_md_escape(_md_cell(per.get(p))) for p in providers] + [
+                _best_cell(per), f"{max(spreads):.0%}" if spreads else ""]
             out.append("| " + " | ".join(cells) + " |")
+        out.append("")
+
+    if extra:
+        out += list(extra) + [""]
+
+    flagged = [r for r in rows if r["op"] != CEILING_OP and _flags(r)]
+    if flagged:
+        out += ["## Flagged cells", ""]
+        for r in flagged:
+            pct = _num(r.get("pct_of_ceiling"))
+            out.append(f"- {r['op']} {r['mode']} {r['shape']} {r['dtype']} {r['device']} {r['provider']}: "
+                       f"{' and '.join(_flags(r))}; spread {_num(r.get('spread')) or 0:.0%}"
+                       + (f", {pct:.0f}% of the ceiling" if pct is not None else "")
+                       + f"; {r.get('attempts') or 1} measurement(s)")
         out.append("")
 
     notes = OrderedDict()
@@ -285,45 +377,77 @@ def markdown(rows: list, meta: dict, compare_result: Optional[dict] = None,
 # -------------------------------------------------------------------------------- plots
 
 def plots(rows: list, outdir: str) -> tuple:
-    """One PNG per (op, dtype, device): GB/s vs N per provider, a panel per mode.
+    """PNG plots; returns (files, note) and, with no matplotlib, ([], the install hint).
 
-    Returns (files, note); with no matplotlib, ([], reason).
+    Bandwidth / throughput rows: one PNG per (op, dtype, device), value vs the suite's plot x
+    (N for LayerNorm), a panel per mode, the copy ceiling dashed. Latency rows: one PNG per
+    (suite, dtype, device), a bar per provider and cell, µs on a log axis.
     """
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except Exception as exc:  # optional dependency
-        return [], f"skipped, matplotlib unavailable ({type(exc).__name__})"
+        return [], f"plots skipped: {INSTALL_EXTRAS_HINT} (matplotlib is not importable: {type(exc).__name__})"
     copy = {r["device"]: _num(r["value"]) for r in rows if r["op"] == CEILING_OP and r["mode"] == "copy"}
-    by = defaultdict(lambda: defaultdict(lambda: defaultdict(list)))  # (op,dtype,dev)->mode->prov->[(N,GB/s)]
+    lines = defaultdict(lambda: defaultdict(lambda: defaultdict(list)))  # (op,dtype,dev)->mode->prov->[(x,v)]
+    bars = defaultdict(lambda: defaultdict(dict))                        # (suite,dtype,dev)->cell->prov->µs
+    units, xlabels = {}, {}
     for r in rows:
         v = _num(r.get("value"))
         if r["op"] == CEILING_OP or v is None:
             continue
-        n = _shape_key(r["shape"])[-1]
-        by[(r["op"], r["dtype"], r["device"])][r["mode"]][r["provider"]].append((n, v))
+        if r.get("unit") == "us":
+            bars[(r.get("suite") or "latency", r["dtype"], r["device"])][f"{r['op']} {r['mode']} {r['shape']}"][r["provider"]] = v
+            continue
+        x = r.get("_x")
+        x = _num(x) if x is not None else _shape_key(r["shape"])[-1]
+        if x is None or x == math.inf:
+            continue
+        key = (r["op"], r["dtype"], r["device"])
+        lines[key][r["mode"]][r["provider"]].append((x, v))
+        units[key], xlabels[key] = r.get("unit") or "GB/s", r.get("_xlabel") or "N (normalized size)"
     files = []
-    for (op, dtype, dev), modes in by.items():
+    for (op, dtype, dev), modes in lines.items():
+        unit = units[(op, dtype, dev)]
         fig, axes = plt.subplots(1, len(modes), figsize=(5 * len(modes), 4), squeeze=False)
         for ax, (mode, provs) in zip(axes[0], modes.items()):
             for prov, pts in provs.items():
                 pts.sort()
                 ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=prov)
-            if copy.get(dev):
+            if unit == "GB/s" and copy.get(dev):
                 ax.axhline(copy[dev], color="gray", linestyle="--", label="copy ceiling")
             ax.set_xscale("log", base=2)
-            ns = sorted({p[0] for pts in provs.values() for p in pts})
-            ax.set_xticks(ns)
-            ax.set_xticklabels([str(n) for n in ns], rotation=45, fontsize=7)
+            xs = sorted({p[0] for pts in provs.values() for p in pts})
+            ax.set_xticks(xs)
+            ax.set_xticklabels([f"{x:g}" for x in xs], rotation=45, fontsize=7)
             ax.minorticks_off()
-            ax.set_xlabel("N (normalized size)")
-            ax.set_ylabel("GB/s")
+            ax.set_xlabel(xlabels[(op, dtype, dev)])
+            ax.set_ylabel(unit)
             ax.set_title(f"{op} {mode} ({dtype}, {dev})")
             ax.grid(True, alpha=0.3)
             ax.legend(fontsize=7)
         fig.tight_layout()
         path = os.path.join(outdir, f"plot_{op}_{dtype}_{dev}.png")
+        fig.savefig(path, dpi=90)
+        plt.close(fig)
+        files.append(path)
+    for (suite, dtype, dev), cells in bars.items():
+        provs = list(OrderedDict.fromkeys(p for per in cells.values() for p in per))
+        fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(cells) * max(1, len(provs)) / 2), 4.5))
+        width = 0.8 / max(1, len(provs))
+        for i, prov in enumerate(provs):
+            xs = [j + i * width for j, c in enumerate(cells) if prov in cells[c]]
+            ax.bar(xs, [cells[c][prov] for c in cells if prov in cells[c]], width, label=prov)
+        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(cells))])
+        ax.set_xticklabels(list(cells), rotation=30, ha="right", fontsize=7)
+        ax.set_yscale("log")
+        ax.set_ylabel("µs per call")
+        ax.set_title(f"{suite} ({dtype}, {dev})")
+        ax.grid(True, axis="y", alpha=0.3)
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        path = os.path.join(outdir, f"plot_{suite}_{dtype}_{dev}.png")
         fig.savefig(path, dpi=90)
         plt.close(fig)
         files.append(path)
@@ -333,9 +457,19 @@ def plots(rows: list, outdir: str) -> tuple:
 # ------------------------------------------------------------------------------ summary
 
 def summary_table(rows: list) -> str:
-    """Concise text table: one line per op/mode/dtype/shape, p50 ms per provider, pydl speed-ups."""
+    """Concise text table: one line per op/mode/dtype/shape, p50 per provider (ms; µs for latency
+    suites, one table per suite), the best pydl speed-ups, and a flag marker."""
+    suites = list(OrderedDict.fromkeys(r.get("suite", "") for r in rows if r["op"] != CEILING_OP))
+    if len(suites) > 1:
+        parts = []
+        for s in suites:
+            sub = [r for r in rows if r.get("suite", "") == s]
+            unit = "µs per call" if any(r.get("unit") == "us" for r in sub) else "ms"
+            parts.append(f"[{s}] p50 {unit}\n" + summary_table(sub))
+        return "\n\n".join(parts)
     providers = _providers(rows)
-    hdr = ["op", "mode", "dtype", "shape"] + providers + ["best pydl ×eager", "×compile"]
+    latency = any(r.get("unit") == "us" for r in rows if r["op"] != CEILING_OP)
+    hdr = ["op", "mode", "dtype", "shape"] + providers + ["best pydl ×eager", "×compile", "flag"]
     body = []
     for (op, mode, dtype, _dev), shapes in _groups(rows).items():
         for shape in sorted(shapes, key=_shape_key):
@@ -348,7 +482,7 @@ def summary_table(rows: list) -> str:
                 if ms is None:
                     cells.append(st or "-")
                 else:
-                    cells.append(f"{ms:.4g}" + ("" if st == OK else f"!{st}"))
+                    cells.append((fmt_us(ms * 1e3) if latency else f"{ms:.4g}") + ("" if st == OK else f"!{st}"))
             best = [r for p, r in per.items() if p.startswith("pydl") and r.get("status") == OK
                     and _num(r.get("p50_ms")) is not None]
             if best:
@@ -357,6 +491,8 @@ def summary_table(rows: list) -> str:
                 cells.append(_fmt(_num(b.get("speedup_vs_compile")), 3))
             else:
                 cells += ["-", "-"]
+            fl = sorted({f for r in per.values() for f in _flags(r)})
+            cells.append(",".join("above-ceiling" if f == "above ceiling" else f for f in fl))
             body.append(cells)
     widths = [max(len(str(c)) for c in col) for col in zip(hdr, *body)] if body else [len(h) for h in hdr]
     line = lambda cs: "  ".join(str(c).ljust(w) for c, w in zip(cs, widths)).rstrip()

@@ -1,9 +1,12 @@
 """Fast CPU tests of the benchmark harness (pydl.bench): timing, rows, CSV / markdown,
---compare, the correctness gate, and one end-to-end smoke run of the CLI."""
+--compare, the correctness gate, and one end-to-end smoke run of the CLI.
+The core (suite spec, interleaving, re-measuring, --repeat, commit, progress, overhead suite) is
+tested in test_core.py."""
 
 from __future__ import annotations
 
 import csv
+import dataclasses
 import os
 import subprocess
 import sys
@@ -13,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from pydl.bench import report, timing
+from pydl.bench import INSTALL_EXTRAS_HINT, core, gate, report, timing
 from pydl.bench import ceilings as ceil_mod
 from pydl.bench.__main__ import main as bench_main
 from pydl.bench.__main__ import parse_shapes
@@ -124,15 +127,19 @@ def test_default_shapes():
 
 def test_compare_tolerances():
     x = torch.randn(16, 64)
-    assert ln_suite.compare("y", x.clone(), x, torch.float32) is None
+    assert gate.compare("y", x.clone(), x, torch.float32) is None
     bad = x.clone()
     bad[:, -3:] += 1.0                                   # a wrong tail: few elements, caught
-    assert "elements off" in ln_suite.compare("y", bad, x, torch.float32)
-    assert "non-finite" in ln_suite.compare("y", torch.full_like(x, float("nan")), x, torch.float32)
-    assert "shape" in ln_suite.compare("y", x[:, :8], x, torch.float32)
+    assert "elements off" in gate.compare("y", bad, x, torch.float32)
+    assert "non-finite" in gate.compare("y", torch.full_like(x, float("nan")), x, torch.float32)
+    assert "shape" in gate.compare("y", x[:, :8], x, torch.float32)
+    assert "dtype" in gate.compare("y", x.double(), x, torch.float32)
     xb = x.bfloat16()
     one_ulp = (xb.float() * (1 + 2 ** -8)).bfloat16()
-    assert ln_suite.compare("y", one_ulp, xb, torch.bfloat16) is None
+    assert gate.compare("y", one_ulp, xb, torch.bfloat16) is None
+    idx = torch.arange(5)
+    assert gate.compare("i", idx.clone(), idx, torch.int64) is None     # integers: exact
+    assert "1 elements differ" in gate.compare("i", idx + (idx == 4), idx, torch.int64)
 
 
 def _cfg(**kw):
@@ -140,6 +147,12 @@ def _cfg(**kw):
                 quick=True, policy=TINY, shapes=[(8, 64)], providers=None, ops=["layer_norm"])
     base.update(kw)
     return SuiteConfig(**base)
+
+
+def _everywhere(suite):
+    """The suite with every provider allowed on every device (so pydl-triton's fakes run on CPU)."""
+    return dataclasses.replace(suite, providers=tuple(dataclasses.replace(p, devices=("cpu", "cuda"))
+                                                      for p in suite.providers))
 
 
 def _by(records, **match):
@@ -161,9 +174,9 @@ def test_gate_records_mismatch_error_and_skip(monkeypatch):
         raise AssertionError(backend)
 
     monkeypatch.setattr(ln_suite, "pydl_fn", fake_pydl_fn)
-    monkeypatch.setattr(ln_suite._Availability, "_probe", staticmethod(
-        lambda provider, op, dtype, device: None))
-    recs = ln_suite.run(_cfg(providers=["pydl-native", "pydl-triton", EAGER]))
+    monkeypatch.setattr(core.Availability, "_probe", staticmethod(
+        lambda suite, provider, op, dtype, device: None))
+    recs = _everywhere(ln_suite.SUITE).run(_cfg(providers=["pydl-native", "pydl-triton", EAGER]))
     assert len(recs) == 3 * 3
     for r in _by(recs, provider="pydl-native"):
         assert r.status == MISMATCH and r.measurement is not None and "rel=" in r.note
@@ -185,15 +198,17 @@ def test_gate_bf16_uses_float32_reference_and_still_catches_errors(monkeypatch):
         return wrong
 
     monkeypatch.setattr(ln_suite, "pydl_fn", fake_pydl_fn)
-    monkeypatch.setattr(ln_suite._Availability, "_probe", staticmethod(lambda *a: None))
-    recs = ln_suite.run(_cfg(providers=["pydl-native", "pydl-triton", EAGER], dtypes=[torch.bfloat16],
-                             shapes=[(2000, 256)], modes=["fwd", "bwd"]))
+    monkeypatch.setattr(core.Availability, "_probe", staticmethod(lambda *a: None))
+    recs = _everywhere(ln_suite.SUITE).run(_cfg(providers=["pydl-native", "pydl-triton", EAGER], dtypes=[torch.bfloat16],
+                                   shapes=[(2000, 256)], modes=["fwd", "bwd"]))
     for r in _by(recs, provider="pydl-native") + _by(recs, provider=EAGER):
         assert r.status == OK, (r.provider, r.mode, r.note)
     assert _by(recs, provider="pydl-triton", mode="fwd")[0].status == MISMATCH
 
-    ref_in, grads = ln_suite.make_inputs("layer_norm", 2000, 256, torch.bfloat16, torch.device("cpu"), 0)
-    ref = ln_suite.Reference("layer_norm", ref_in, grads, torch.bfloat16, want_grad=True)
+    ref_in, grads = ln_suite.make_inputs("layer_norm", (2000, 256), torch.bfloat16, torch.device("cpu"), 0)
+    ref = gate.Reference(ln_suite.eager_fn("layer_norm"), ref_in, grads, torch.bfloat16, want_grad=True,
+                         out_names=("y",), grad_names=ln_suite.grad_names("layer_norm"),
+                         reduction=("dw", "db"))
     leaves = tuple(t.detach().float().requires_grad_() for t in ref_in)
     good = [g.to(torch.bfloat16) for g in torch.autograd.grad(
         ln_suite.eager_fn("layer_norm")(*leaves), leaves, tuple(g.float() for g in grads))]
@@ -208,30 +223,30 @@ def test_gate_skips_unavailable_provider(monkeypatch):
         raise ImportError("no pydl.ops here")
 
     monkeypatch.setattr(ln_suite, "pydl_fn", broken)
-    recs = ln_suite.run(_cfg(providers=["pydl-native", "pydl-triton", EAGER], modes=["fwd"]))
+    recs = ln_suite.SUITE.run(_cfg(providers=["pydl-native", "pydl-triton", EAGER], modes=["fwd"]))
     native = _by(recs, provider="pydl-native")[0]
-    assert native.status == SKIPPED and "import pydl.ops failed" in native.note
+    assert native.status == SKIPPED and "import failed" in native.note and "no pydl.ops here" in native.note
     triton = _by(recs, provider="pydl-triton")[0]
     assert triton.status == SKIPPED and "cuda only" in triton.note
     assert _by(recs, provider=EAGER)[0].status == OK
 
 
 def test_compile_failure_is_skipped(monkeypatch):
-    def failing_compile(op):
+    def failing_compile(fn):
         def f(*args):
             raise RuntimeError("inductor says no")
         return f
 
-    monkeypatch.setattr(ln_suite, "compile_fn", failing_compile)
-    recs = ln_suite.run(_cfg(providers=[EAGER, COMPILE], modes=["fwd", "bwd"]))
+    monkeypatch.setattr(core, "compile_fn", failing_compile)
+    recs = ln_suite.SUITE.run(_cfg(providers=[EAGER, COMPILE], modes=["fwd", "bwd"]))
     for r in _by(recs, provider=COMPILE):
         assert r.status == SKIPPED and "compile failed" in r.note and "inductor says no" in r.note
 
 
 def test_pydl_providers_pass_the_gate_when_available():
     """With the real pydl.ops: the native CPU backend must match torch eager (or be skipped)."""
-    recs = ln_suite.run(_cfg(providers=["pydl-native", EAGER], ops=list(ln_suite.OPS),
-                             shapes=[(6, 97)], modes=["fwd", "bwd"]))
+    recs = ln_suite.SUITE.run(_cfg(providers=["pydl-native", EAGER], ops=list(ln_suite.OPS),
+                                   shapes=[(6, 97)], modes=["fwd", "bwd"]))
     for r in _by(recs, provider="pydl-native"):
         assert r.status in (OK, SKIPPED), (r.op, r.mode, r.status, r.note)
 
@@ -339,7 +354,10 @@ def test_compare_joins_on_all_key_columns():
 def test_plots_optional(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib", None)               # import fails
     files, note = report.plots(_rows(), str(tmp_path))
-    assert files == [] and "matplotlib unavailable" in note
+    assert files == [] and note.startswith("plots skipped") and INSTALL_EXTRAS_HINT in note
+    assert "matplotlib" in note
+    md = report.markdown(_rows(), META, plot_note=note)
+    assert f"plots skipped: {INSTALL_EXTRAS_HINT}" in md
 
 
 def test_plots_written(tmp_path):
@@ -358,6 +376,7 @@ def test_summary_table():
 
 def test_parse_shapes():
     assert parse_shapes("16384x1024, 64x97") == [(16384, 1024), (64, 97)]
+    assert parse_shapes("2x8x1024x64") == [(2, 8, 1024, 64)]
     import argparse
     for bad in ("16384", "0x5", "axb", ","):
         with pytest.raises(argparse.ArgumentTypeError):
@@ -391,7 +410,10 @@ def test_cli_rejects_unknown_suite(capsys):
 def test_cli_smoke_end_to_end(tmp_path):
     """`python -m pydl.bench layer_norm --quick --device cpu --out DIR` with tiny shapes."""
     out = tmp_path / "bench"
-    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    # One torch thread: on a loaded 2-core box a 2-thread parallel region can wait a whole
+    # scheduler slice for its second thread (ms per tiny call); this test checks the pipeline.
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+               OMP_NUM_THREADS="1")
     proc = subprocess.run(
         [sys.executable, "-m", "pydl.bench", "layer_norm", "--quick", "--device", "cpu", "--out", str(out),
          "--smoke", "--providers", "pydl-native", "pydl-triton", EAGER],
@@ -429,7 +451,7 @@ def test_real_torch_compile_provider_all_modes():
 
     Guards what only a real compile shows, e.g. a backward that refuses retain_graph=True.
     """
-    recs = ln_suite.run(_cfg(providers=[COMPILE], shapes=[(8, 64)]))
+    recs = ln_suite.SUITE.run(_cfg(providers=[COMPILE], shapes=[(8, 64)]))
     assert [(r.mode, r.status) for r in recs] == [("fwd", OK), ("bwd", OK), ("fwd+bwd", OK)], \
         [r.note for r in recs]
 
@@ -437,13 +459,13 @@ def test_real_torch_compile_provider_all_modes():
 def test_a_failing_point_is_recorded_and_the_run_goes_on(monkeypatch):
     real = ln_suite.make_inputs
 
-    def flaky(op, m, n, *a, **kw):
-        if n == 97:
+    def flaky(op, shape, *a, **kw):
+        if shape[1] == 97:
             raise MemoryError("pretend OOM")
-        return real(op, m, n, *a, **kw)
+        return real(op, shape, *a, **kw)
 
     monkeypatch.setattr(ln_suite, "make_inputs", flaky)
-    recs = ln_suite.run(_cfg(providers=[EAGER], shapes=[(4, 97), (4, 64)], modes=["fwd", "bwd"]))
+    recs = ln_suite.SUITE.run(_cfg(providers=[EAGER], shapes=[(4, 97), (4, 64)], modes=["fwd", "bwd"]))
     assert [(r.shape, r.mode, r.status) for r in recs] == [
         ("4x97", "fwd", ERROR), ("4x97", "bwd", ERROR), ("4x64", "fwd", OK), ("4x64", "bwd", OK)]
     assert "pretend OOM" in recs[0].note
