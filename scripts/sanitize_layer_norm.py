@@ -1,102 +1,363 @@
-"""A small LayerNorm-family workload for compute-sanitizer (memcheck, racecheck) on a GPU.
+"""The LayerNorm-family workload for compute-sanitizer: every CUDA kernel and launch configuration
+of csrc/cuda/layer_norm.cu, on small shapes, each result checked against a float64 reference.
 
-    compute-sanitizer --tool memcheck --error-exitcode 1 python scripts/sanitize_layer_norm.py
+    compute-sanitizer --tool memcheck --error-exitcode 99 python scripts/sanitize_layer_norm.py
+    python scripts/sanitize_layer_norm.py --coverage        # no sanitizer: which kernels really ran
 
-Runs the forward and backward (dx, dresidual, dweight, dbias) of layer_norm, layer_norm_gelu and
-add_layer_norm on the native CUDA backend (``--backend triton`` for the Triton kernels), in fp32
-and bf16, over: an odd N (scalar tail path), a vectorized N, N = 20000 (the uncached path), and a
-few small M, one of them large enough for several weight-gradient partial blocks. Inputs are made
-on the CPU and copied over, and the float64 reference is computed on the CPU, so the only GPU
-kernels the sanitizer sees are pydl's (plus copies). Each result is checked loosely against the
-reference: a kernel that writes nothing or the wrong rows fails here even when the sanitizer is
-quiet.
+What csrc/cuda/layer_norm.cu launches (VEC = 16 bytes / element: 4 for fp32, 8 for fp16 / bf16,
+when N % VEC == 0 and every pointer / row stride allows 16-byte accesses; else VEC = 1, "scalar"):
+  ln_fwd_cached<T, VEC, ITEMS>   forward, N <= 32768 (vector; E = ITEMS * VEC in 8, 16, 24, 32,
+                                 chosen by N) or N <= 8192 (scalar, ITEMS 8); inference (no
+                                 grad) launches it with no statistics outputs
+  ln_fwd_uncached<T, VEC, U>     forward, longer rows (vector N > 32768, scalar N > 8192), 512
+                                 threads per row, U = 16 / VEC
+  ln_bwd_rows<T, VEC, ITEMS, ACC_SMEM>   backward, N <= 8192 (vector) / 4096 (scalar); dw / db
+                                 in registers (vector) or shared memory (scalar), row groups
+                                 merged in shared memory when a block holds several rows; its
+                                 shared memory never exceeds ~33 KB
+  ln_bwd_uncached<T, VEC, ACC_SMEM>  backward, longer rows, 1024 threads; ACC_SMEM (dw / db in
+                                 2N floats of shared memory, N <= 16384): above N ~ 6080 that is
+                                 more than 48 KB, the opt-in (cudaFuncSetAttribute) path;
+                                 else in the block's workspace row (also without weight / bias)
+  ln_reduce_partials<T>          sums the per-block dw / db rows (whenever weight or bias is given)
+The cases below are chosen with a replica of that choice (expected_kernels) for fp32, fp16 and
+bf16: each E, both VEC paths, both sides of every N threshold, > 48 KB shared memory, grid-stride
+loops (more rows than one wave), misaligned and row-strided views, with / without residual,
+weight, bias, each activation, grad and inference, default and side streams. --coverage records
+the launched kernels with torch.profiler and fails (exit 3) if an expected one did not run.
 
-Run it with PYTORCH_NO_CUDA_MEMORY_CACHING=1 so every tensor is its own allocation and memcheck
-can see out-of-bounds accesses that the caching allocator would otherwise hide.
-Exit codes: 0 all cases ran and matched; 1 a case failed; 2 the backend is unavailable here.
+Inputs are made on the CPU, rounded to the dtype, copied over; the reference is float64 on the
+CPU (torch's rounding of h = x + residual included), so the sanitizer sees pydl's kernels plus
+copies. A result off by more than the dtype's tolerance fails the run: exit 1, with a FAIL line.
+Run under sanitizers with PYTORCH_NO_CUDA_MEMORY_CACHING=1 (every tensor its own allocation, so
+out-of-bounds accesses are not hidden inside a cached block); without it (the check stage) freed
+blocks are poisoned with NaN first, so an output element nobody wrote cannot pass.
+Exit codes: 0 ok; 1 a case failed; 2 nothing to run here (no GPU / kernels not built);
+3 --coverage: an expected kernel did not run; 4 --time-limit-s stopped it before every kernel
+configuration had run (the cases adding a configuration come first; a stop after them is noted).
 """
 
 from __future__ import annotations
 
-import argparse
-import os
-import sys
 import time
 
-import torch
-import torch.nn.functional as F
+T_START = time.monotonic()  # --time-limit-s counts from here, torch's import and CUDA init included
 
-# Run from anywhere: the checkout this script lives in comes first on the path.
+import argparse  # noqa: E402
+import json  # noqa: E402
+import os  # noqa: E402
+import re  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 EPS = 1e-5
-# (M, N): odd N, vectorized N, big N (uncached path), many rows for the dweight partials.
-SHAPES = ((3, 97), (5, 1024), (2, 20000), (67, 768))
-OPS = ("layer_norm", "layer_norm_gelu", "add_layer_norm")
-TOL = {torch.float32: 1e-4, torch.bfloat16: 2e-2}  # ‖out − ref‖ / ‖ref‖
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+SHORT = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+TOL = {torch.float32: (1e-4, 1e-6), torch.float16: (5e-3, 1e-3), torch.bfloat16: (2e-2, 1e-3)}  # rel, abs
+# (op, activation) with a residual, and without; cycled over the shapes.
+WITH_RES = (("add_layer_norm", None), ("add_layer_norm", "gelu"), ("add_layer_norm", "gelu_tanh"))
+NO_RES = (("layer_norm", None), ("layer_norm_gelu", "gelu"), ("layer_norm_gelu", "gelu_tanh"))
+AFFINE = ((True, True), (True, False), (False, True), (False, False))  # (weight, bias)
 
 
-def reference(op, x, r, w, b):
-    """float64 on the CPU; returns the outputs tuple."""
-    if op == "add_layer_norm":
-        h = x + r
-        return F.layer_norm(h, (h.shape[-1],), w, b, EPS), h
-    y = F.layer_norm(x, (x.shape[-1],), w, b, EPS)
-    return (F.gelu(y) if op == "layer_norm_gelu" else y,)
+# ---- replica of the launchers' choice (csrc/cuda/layer_norm.cu: choose_fwd_cfg, bwd_launch) ------
+
+def _cdiv(a, b):
+    return -(-a // b)
 
 
-def call(ops, op, backend, x, r, w, b):
-    if op == "layer_norm":
-        return (ops.layer_norm(x, w, b, EPS, backend=backend),)
-    if op == "layer_norm_gelu":
-        return (ops.layer_norm_gelu(x, w, b, EPS, backend=backend),)
-    return tuple(ops.add_layer_norm(x, r, w, b, EPS, backend=backend))
+def _round_tpr(units):
+    if units <= 32:
+        p = 1
+        while p < units:
+            p <<= 1
+        return p
+    return _cdiv(units, 32) * 32
 
 
-def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+def fwd_elems(n, vec):
+    """E of choose_fwd_cfg: the best slot use, ties (within 1%) to the larger E."""
+    nch, best, out = n // vec, 0.0, 0
+    for pass_ in (0, 1):
+        for e in range(8, (32 if vec > 1 else 8) + 1, 8):
+            tpr = _round_tpr(_cdiv(nch, e // vec))
+            if tpr > 1024:
+                continue
+            use = nch / (tpr * (e // vec))
+            if pass_ == 0:
+                best = max(best, use)
+            elif use >= best - 0.01:
+                out = e
+    return out
+
+
+def expected_kernels(n, vec_fwd, vec_bwd, t, grad, partials):
+    """The kernel keys ('name<type,args>') the call should launch, and the backward's dynamic smem."""
+    keys = []
+    if n <= (32768 if vec_fwd > 1 else 8192):
+        keys.append(f"ln_fwd_cached<{t},{vec_fwd},{fwd_elems(n, vec_fwd) // vec_fwd}>")
+    else:
+        keys.append(f"ln_fwd_uncached<{t},{vec_fwd},{max(1, 16 // vec_fwd)}>")
+    smem = 0
+    if grad:
+        v, e = vec_bwd, (4 if vec_bwd == 1 else 8)
+        smem = 2 * 32 * 8
+        if n <= 1024 * e:
+            keys.append(f"ln_bwd_rows<{t},{v},{e // v},{'true' if v == 1 else 'false'}>")
+            tpr = _round_tpr(_cdiv(n // v, e // v))
+            rpb = max(1, 512 // tpr)
+            if partials and (v == 1 or rpb > 1):
+                smem += rpb * 2 * n * 4
+        else:
+            acc = partials and n <= 16384  # (and it fits the opt-in limit: 227 KB on Hopper)
+            keys.append(f"ln_bwd_uncached<{t},{v},{'true' if acc else 'false'}>")
+            smem += 2 * n * 4 if acc else 0
+        if partials:
+            keys.append(f"ln_reduce_partials<{t}>")
+    return keys, smem
+
+
+def vec_ok(n, vec, mats, vecs):
+    """The host's vectorizable(): N % VEC, 16-byte aligned pointers, row strides % VEC."""
+    if n % vec:
+        return False
+    for t in mats:
+        if t is not None and (t.data_ptr() % 16 or (t.shape[0] > 1 and t.stride(0) % vec)):
+            return False
+    return all(t is None or t.data_ptr() % 16 == 0 for t in vecs)
+
+
+# ---- cases ---------------------------------------------------------------------------------------
+
+@dataclass
+class Case:
+    dtype: torch.dtype
+    m: int
+    n: int
+    op: str
+    act: object
+    weight: bool
+    bias: bool
+    layout: str = "contiguous"  # or "misaligned" (x = base[:, 1:]) or "strided" (x = base[:, :n])
+    stream: bool = False
+
+
+def shapes_for(dtype, quick):
+    vec = 4 if dtype == torch.float32 else 8
+    per_e = {}
+    for n in range(vec, 129 * vec, vec):  # the smallest N choosing each E (tiny rows, tpr 1 or 2)
+        per_e.setdefault(fwd_elems(n, vec), n)
+    s = [(5, per_e[e], "contiguous") for e in sorted(per_e)]
+    s += [(67, 768, "contiguous"), (9, 1024, "contiguous"), (4, 4096, "contiguous"),
+          (3, 8192, "contiguous"), (2, 12288, "contiguous"), (2, 16384, "contiguous"),
+          (2, 32768, "contiguous"), (2, 32776, "contiguous"), (2, 65536, "contiguous"),
+          # scalar path: odd N on each side of 4096 / 8192 / 16384
+          (3, 1, "contiguous"), (7, 7, "contiguous"), (33, 97, "contiguous"), (5, 1023, "contiguous"),
+          (3, 4095, "contiguous"), (3, 4097, "contiguous"), (2, 8191, "contiguous"),
+          (2, 8193, "contiguous"), (2, 20001, "contiguous"),
+          (6, 1024, "misaligned"), (6, 768, "strided")]
+    # more rows than one wave (grid-stride loops, several rows per partial block)
+    s.append((300, 8191, "contiguous") if dtype == torch.float32 else (300, 8192, "contiguous"))
+    if quick:
+        s = [x for x in s if x[1] in (per_e[8], 97, 768, 4097, 8193, 12288, 32776)]
+    return s
+
+
+def build_cases(dtypes, quick):
+    """Cases of every dtype, interleaved; those adding a kernel configuration first, so a run cut
+    by --time-limit-s has still launched every configuration when the first pass is through."""
+    per = [_cases_of(dtype, quick) for dtype in dtypes]
+    cases = [c for group in zip(*per) for c in group] + [c for p in per for c in p[min(map(len, per)):]]
+    first, rest, seen = [], [], set()
+    for c in cases:
+        keys = set(static_keys(c))
+        (first if keys - seen else rest).append(c)
+        seen |= keys
+    return first + rest
+
+
+def static_keys(c):
+    """expected_kernels from the case's layout alone (the run checks the real tensors)."""
+    vec = 4 if c.dtype == torch.float32 else 8
+    vf = vec if c.layout != "misaligned" and c.n % vec == 0 else 1
+    vb = vf if c.op != "add_layer_norm" else (vec if c.n % vec == 0 else 1)  # backward reads h
+    return expected_kernels(c.n, vf, vb, SHORT[c.dtype], True, c.weight or c.bias)[0]
+
+
+def _cases_of(dtype, quick):
+    cases = []
+    for i, (m, n, layout) in enumerate(shapes_for(dtype, quick)):
+        op, act = WITH_RES[i % len(WITH_RES)]
+        cases.append(Case(dtype, m, n, op, act, True, True, layout, stream=bool(i % 2)))
+        if not quick or i % 2:
+            op, act = NO_RES[i % len(NO_RES)]
+            w, b = AFFINE[(i // 2) % len(AFFINE)]
+            cases.append(Case(dtype, m, n, op, act, w, b, layout, stream=not i % 2))
+    if not quick:  # long rows without weight and bias: no workspace, no partials kernel
+        cases.append(Case(dtype, 2, 12288, "layer_norm_gelu", "gelu", False, False, stream=True))
+        cases.append(Case(dtype, 3, 8191, "layer_norm", None, False, False))
+    return cases
+
+
+# ---- one case ------------------------------------------------------------------------------------
+
+def _make_x(case, gen):
+    """(x for the reference (float64), a function giving x on the device in the case's layout)."""
+    m, n = case.m, case.n
+    pad = {"contiguous": 0, "misaligned": 1, "strided": 4 if case.dtype == torch.float32 else 8}[case.layout]
+    base = torch.randn(m, n + pad, generator=gen, dtype=torch.float64).to(case.dtype)
+    sl = (slice(None), slice(1, None)) if case.layout == "misaligned" else (slice(None), slice(0, n))
+    return base[sl].double(), lambda device: base.to(device)[sl]
+
+
+def reference(case, x, r, w, b):
+    h = (x + r).to(case.dtype).double() if r is not None else None  # torch rounds h to the dtype
+    src = h if h is not None else x
+    y = F.layer_norm(src, (case.n,), w, b, EPS)
+    if case.act is not None:
+        y = F.gelu(y, approximate="tanh" if case.act == "gelu_tanh" else "none")
+    return (y, h) if h is not None else (y,)
+
+
+def call(ops, case, backend, x, r, w, b):
+    if case.op == "add_layer_norm":
+        return tuple(ops.add_layer_norm(x, r, w, b, EPS, case.act, backend=backend))
+    if case.op == "layer_norm_gelu":
+        return (ops.layer_norm_gelu(x, w, b, EPS, "tanh" if case.act == "gelu_tanh" else "none", backend=backend),)
+    return (ops.layer_norm(x, w, b, EPS, backend=backend),)
+
+
+def _err(out, ref, dtype):
+    """'' when out matches ref within the dtype's tolerance, else the relative error."""
     out = out.detach().double().cpu()
+    if out.shape != ref.shape:
+        return f"shape {tuple(out.shape)} != {tuple(ref.shape)}"
     if not bool(torch.isfinite(out).all()):
-        return float("inf")
-    ref = ref.detach()
-    return float((out - ref).norm() / ref.norm().clamp_min(1e-30))
+        return "non-finite"
+    rel, ab = TOL[dtype]
+    diff, scale = float((out - ref).norm()), float(ref.norm())
+    return "" if diff <= rel * scale + ab * out.numel() ** 0.5 else f"{diff / max(scale, 1e-30):.2e}"
 
 
-def run_case(ops, op, backend, dtype, m, n, device, gen) -> tuple:
-    cpu = [torch.randn(m, n, generator=gen, dtype=torch.float64),             # x
-           torch.randn(m, n, generator=gen, dtype=torch.float64),             # residual
-           1 + 0.1 * torch.randn(n, generator=gen, dtype=torch.float64),      # weight
-           0.1 * torch.randn(n, generator=gen, dtype=torch.float64)]          # bias
-    cpu = [t.to(dtype).double() for t in cpu]  # the reference sees the rounded inputs
-    n_out = 2 if op == "add_layer_norm" else 1
-    grads_cpu = [torch.randn(m, n, generator=gen, dtype=torch.float64).to(dtype).double()
-                 for _ in range(n_out)]
+def poison(device):
+    """Fill the caching allocator's free blocks with NaN, so unwritten outputs show (no-op when
+    caching is off, as under the sanitizers)."""
+    if device.type == "cuda" and os.environ.get("PYTORCH_NO_CUDA_MEMORY_CACHING") != "1":
+        # Both pools: large blocks (> 1 MB requests) and the small-request pool's segments.
+        blocks = [torch.empty(1 << 24, device=device)] + [torch.empty(1 << 16, device=device) for _ in range(32)]
+        for b in blocks:
+            b.fill_(float("nan"))
+        del blocks  # back to the cache, NaN-filled
 
-    leaves_ref = [t.clone().requires_grad_(True) for t in cpu]
-    ref_out = reference(op, *leaves_ref)
-    used = leaves_ref if op == "add_layer_norm" else [leaves_ref[0]] + leaves_ref[2:]
-    ref_grads = torch.autograd.grad(ref_out, used, grads_cpu)
 
-    dev_in = [t.to(dtype).to(device).requires_grad_(True) for t in cpu]
-    x, r, w, b = dev_in
-    out = call(ops, op, backend, x, r, w, b)
-    used_dev = dev_in if op == "add_layer_norm" else [x, w, b]
-    got_grads = torch.autograd.grad(out, used_dev, [g.to(dtype).to(device) for g in grads_cpu])
+def run_case(ops, case, backend, device, gen, side):
+    dt, n = case.dtype, case.n
+    x_ref, x_on = _make_x(case, gen)
+    res = case.op == "add_layer_norm"
+    rnd = lambda *s: torch.randn(*s, generator=gen, dtype=torch.float64).to(dt)  # noqa: E731
+    r_c = rnd(case.m, n) if res else None
+    w_c = (1 + 0.1 * torch.randn(n, generator=gen, dtype=torch.float64)).to(dt) if case.weight else None
+    b_c = (0.1 * torch.randn(n, generator=gen, dtype=torch.float64)).to(dt) if case.bias else None
+    g_c = [rnd(case.m, n) for _ in range(2 if res else 1)]
+
+    leaves = [t.double().requires_grad_(True) if t is not None else None for t in (x_ref, r_c, w_c, b_c)]
+    want = reference(case, *leaves)
+    used = [t for t in leaves if t is not None]
+    want_g = torch.autograd.grad(want, used, [g.double() for g in g_c])
+
+    poison(device)
+    stream = side if (case.stream and side is not None) else None
+    ctx = torch.cuda.stream(stream) if stream is not None else _Null()
+    with ctx:  # inputs are copied on the stream that uses them
+        x = x_on(device).detach().requires_grad_(True)
+        r, w, b = (None if t is None else t.to(device).requires_grad_(True) for t in (r_c, w_c, b_c))
+        with torch.no_grad():  # inference: the kernels skip the statistics
+            got_inf = call(ops, case, backend, x, r, w, b)
+        poison(device)
+        got = call(ops, case, backend, x, r, w, b)
+        got_g = torch.autograd.grad(got, [t for t in (x, r, w, b) if t is not None],
+                                    [g.to(device) for g in g_c])
     if device.type == "cuda":
         torch.cuda.synchronize()
+    names = ["y", "h"][:len(want)] + [nm for nm, t in zip(("dx", "dr", "dw", "db"), leaves) if t is not None]
+    bad = []
+    for nm, o, ref in zip(names, list(got) + list(got_g), list(want) + list(want_g)):
+        e = _err(o, ref.detach(), dt)
+        if e:
+            bad.append(f"{nm} {e}")
+    for nm, o, ref in zip(("y(inference)", "h(inference)"), got_inf, want):
+        e = _err(o, ref.detach(), dt)
+        if e:
+            bad.append(f"{nm} {e}")
+    # What the launchers should pick for these very tensors.
+    normalized = got[1].detach() if res else x
+    vec = 4 if dt == torch.float32 else 8
+    vf = vec if vec_ok(n, vec, [x, r, got[0]] + ([got[1]] if res else []), [w, b]) else 1
+    vb = vec if vec_ok(n, vec, [normalized, got_g[0]], [w, b]) else 1
+    keys, smem = expected_kernels(n, vf, vb, SHORT[dt], True, case.weight or case.bias)
+    return bad, keys, smem
 
-    names = ["y", "h"][:n_out] + (["dx", "dr", "dw", "db"] if op == "add_layer_norm" else ["dx", "dw", "db"])
-    errs = [rel_err(o, ref) for o, ref in zip(list(out) + list(got_grads), list(ref_out) + list(ref_grads))]
-    tol = TOL[dtype]
-    bad = [f"{nm}={e:.2e}" for nm, e in zip(names, errs) if not e <= tol]
-    return bad, max(errs)
 
+class _Null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        return False
+
+
+# ---- coverage: the kernels torch.profiler saw ----------------------------------------------------
+
+_TYPE = (("bfloat16", "bf16"), ("half", "fp16"), ("float", "fp32"))
+
+
+def observed_kernels(prof) -> tuple:
+    """({key: max dynamic smem seen or -1}, note) from the profiler's trace."""
+    seen, note = {}, ""
+    try:
+        with tempfile.TemporaryDirectory() as d:
+            path = os.path.join(d, "trace.json")
+            prof.export_chrome_trace(path)
+            with open(path) as f:
+                events = json.load(f).get("traceEvents", [])
+        items = [(e.get("name", ""), (e.get("args") or {}).get("shared memory", -1))
+                 for e in events if e.get("cat") == "kernel"]
+    except Exception as exc:  # fall back to the names alone
+        note = f"trace args unavailable ({type(exc).__name__})"
+        items = [(e.key, -1) for e in prof.key_averages()]
+    for name, smem in items:
+        m = re.search(r"\b(ln_[a-z_]+)<([^<>]*)>", name)
+        if not m:
+            continue
+        args = [a.strip() for a in m.group(2).split(",")]
+        for long_, short in _TYPE:
+            if long_ in args[0]:
+                args[0] = short
+                break
+        key = f"{m.group(1)}<{','.join(args)}>"
+        seen[key] = max(seen.get(key, -1), int(smem) if str(smem).lstrip("-").isdigit() else -1)
+    return seen, note
+
+
+# ---- main ----------------------------------------------------------------------------------------
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--backend", default="native", choices=("native", "triton"))
-    ap.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
+    ap.add_argument("--dtypes", nargs="+", default=list(DTYPES), choices=list(DTYPES))
     ap.add_argument("--device", default="cuda", choices=("cuda", "cpu"),
-                    help="cpu: a dry run of this script on the native CPU kernels")
+                    help="cpu: a dry run of this script on the native CPU kernels (fp32, bf16)")
+    ap.add_argument("--quick", action="store_true", help="fewer shapes, the first dtype only (dry runs)")
+    ap.add_argument("--coverage", action="store_true", help="check with torch.profiler that every expected kernel ran")
+    ap.add_argument("--time-limit-s", type=float, default=0.0,
+                    help="start no case later than this many seconds after the process started")
+    ap.add_argument("--seed", type=int, default=1234)
     args = ap.parse_args(argv)
 
     device = torch.device(args.device)
@@ -104,33 +365,79 @@ def main(argv=None) -> int:
         print("sanitize_layer_norm: no CUDA device; nothing to check")
         return 2
     import pydl.ops as ops
+    from pydl import _native
 
-    if args.backend == "native" and device.type == "cuda":
-        from pydl import _native
+    if args.backend == "native" and device.type == "cuda" and not _native.cuda_built():
+        print(f"sanitize_layer_norm: native CUDA kernels not built ({_native.load_error() or 'cpu-only build'})")
+        return 2
+    dtypes = [DTYPES[d] for d in args.dtypes]
+    if device.type == "cpu":
+        dtypes = [d for d in dtypes if d != torch.float16] or [torch.float32]  # no fp16 CPU kernel
+    if args.quick:
+        dtypes = dtypes[:1]
+    cases = build_cases(dtypes, args.quick)
+    side = torch.cuda.Stream() if device.type == "cuda" else None
+    gen = torch.Generator().manual_seed(args.seed)
+    t0 = time.perf_counter()
+    failures, expected, ran = 0, {}, 0
+    prof = None
+    if args.coverage and device.type == "cuda":
+        from torch.profiler import ProfilerActivity, profile
 
-        info = _native.info()
-        if not info.get("cuda_built"):
-            print(f"sanitize_layer_norm: native CUDA kernels not built ({info.get('error') or 'cpu-only build'})")
-            return 2
-
-    gen = torch.Generator().manual_seed(1234)
-    failures, t0 = 0, time.perf_counter()
-    print(f"{'op':16s} {'dtype':9s} {'shape':9s} {'max rel err':>11s}  result")
-    for dtype in (getattr(torch, d) for d in args.dtypes):
-        for op in OPS:
-            for (m, n) in SHAPES:
-                try:
-                    bad, worst = run_case(ops, op, args.backend, dtype, m, n, device, gen)
-                    result = "ok" if not bad else "MISMATCH " + ", ".join(bad)
-                except Exception as exc:  # report and go on: the sanitizer log has the rest
-                    bad, worst = [str(exc)], float("nan")
-                    result = f"ERROR {type(exc).__name__}: {' '.join(str(exc).split())[:200]}"
-                failures += bool(bad)
-                print(f"{op:16s} {str(dtype).replace('torch.', ''):9s} {f'{m}x{n}':9s} {worst:11.2e}  {result}",
-                      flush=True)
-    print(f"sanitize_layer_norm: {failures} failing case(s), backend {args.backend}, "
-          f"{time.perf_counter() - t0:.1f} s")
-    return 1 if failures else 0
+        prof = profile(activities=[ProfilerActivity.CUDA])
+        prof.__enter__()
+    print(f"{'#':>3s} {'dtype':5s} {'shape':10s} {'layout':10s} {'op':15s} {'act':9s} {'w b':4s} "
+          f"{'stream':6s} {'expected kernels':60s} result", flush=True)
+    for i, c in enumerate(cases):
+        if args.time_limit_s and time.monotonic() - T_START > args.time_limit_s:
+            print(f"sanitize_layer_norm: --time-limit-s {args.time_limit_s:g} reached after {ran} of "
+                  f"{len(cases)} cases", flush=True)
+            break
+        try:
+            bad, keys, smem = run_case(ops, c, args.backend, device, gen, side)
+            result = "ok" if not bad else "FAIL " + ", ".join(bad)
+        except Exception as exc:  # report and go on: the sanitizer log has the rest
+            bad, keys, smem = [str(exc)], [], 0
+            result = f"FAIL {type(exc).__name__}: {' '.join(str(exc).split())[:240]}"
+        ran += 1
+        failures += bool(bad)
+        for k in keys:
+            expected.setdefault(k, i)
+        kern = " ".join(k.replace("ln_", "") for k in keys) + (f" smem {smem // 1024}K" if smem > 48 * 1024 else "")
+        wb = ("w" if c.weight else "-") + ("b" if c.bias else "-")
+        print(f"{i:3d} {SHORT[c.dtype]:5s} {f'{c.m}x{c.n}':10s} {c.layout:10s} {c.op:15s} {str(c.act):9s} "
+              f"{wb:4s} {'side' if c.stream and side is not None else 'dflt':6s} {kern:60s} {result}", flush=True)
+    rc = 1 if failures else 0
+    if prof is not None:
+        prof.__exit__(None, None, None)
+        seen, note = observed_kernels(prof)
+        missing = sorted(k for k in expected if k not in seen)
+        extra = sorted(k for k in seen if k not in expected)
+        optin = [k for k, s in seen.items() if s > 48 * 1024]
+        print(f"kernels seen ({len(seen)}): " + " ".join(sorted(seen)))
+        print(f"kernels with > 48 KB dynamic shared memory: {' '.join(sorted(optin)) or 'none seen'}"
+              + (f" ({note})" if note else ""))
+        if extra:
+            print("coverage note: launched but not predicted by the replica: " + " ".join(extra))
+        if missing:
+            print("coverage: MISSING " + " ".join(missing) + " (the launchers chose differently: update "
+                  "expected_kernels / the shapes)")
+            rc = rc or 3
+        elif not seen:
+            print("coverage: unavailable (the profiler recorded no kernels)")
+        else:
+            print(f"coverage: complete ({len(expected)} expected kernel configurations all launched)")
+    else:
+        print(f"kernel configurations exercised (replica): {len(expected)}")
+    if ran < len(cases):
+        planned = {k for c in cases for k in static_keys(c)}
+        if planned <= set(expected):
+            print(f"note: stopped after {ran} of {len(cases)} cases; every kernel configuration had run")
+        else:
+            rc = rc or 4
+    print(f"sanitize_layer_norm: {failures} failing case(s) of {ran} run ({len(cases)} planned), backend "
+          f"{args.backend}, device {device.type}, {time.perf_counter() - t0:.1f} s", flush=True)
+    return rc
 
 
 if __name__ == "__main__":
