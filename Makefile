@@ -7,15 +7,16 @@ PY := $(VENV)/bin/python
 export PYDL_CUDA_ARCHS ?= 90a
 SANITIZE_LIB_DIR := build/sanitize-lib
 
-.PHONY: all env build test test-fast test-sanitize test-cuda-emulated bench info clean
+.PHONY: all env build test test-fast test-sanitize test-cuda-emulated bench info clean test-install \
+	test-triton-floor test-cuda-compile
 
 all: test
 
 $(VENV)/.deps: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q torch==2.13.0 numpy triton pytest hypothesis matplotlib \
-		setuptools wheel pybind11 "cmake>=3.24" ninja
+	$(PY) -m pip install -q torch==2.13.0 numpy triton pytest hypothesis matplotlib tqdm \
+		"setuptools>=77" wheel pybind11 "cmake>=3.24" ninja
 	touch $@
 
 env: $(VENV)/.deps
@@ -43,7 +44,8 @@ test-sanitize: env
 		|| { cat build/sanitizer-report.* 2>/dev/null; exit 1; }
 
 # The CUDA kernels *executed* on the CPU: tests/cuda_emulation/mock runs every CUDA thread as a
-# fiber with real barriers and warp shuffles (no GPU needed); "quick" covers N up to 2048.
+# fiber with real barriers and warp shuffles (no GPU needed); "quick" covers N up to 2048 plus the
+# long-row kernels (add_layer_norm at N = 8193, 9000, 32776; constant rows at 40000; N > 65536).
 EMU_BIN := build/cuda-emulated-layer-norm
 test-cuda-emulated:
 	mkdir -p build
@@ -52,10 +54,37 @@ test-cuda-emulated:
 		-o $(EMU_BIN) -lpthread
 	$(EMU_BIN) quick
 
-test: test-fast test-sanitize test-cuda-emulated
+# The Triton floor (DESIGN 6): the Triton tests again under Triton 3.6.0 (what torch 2.11 ships)
+# with the in-place build (pydl._C is torch- and Triton-free: the same .so), then every Triton
+# kernel compiled for sm_90 in its launch configurations under both Triton versions.
+VENV_TRITON_FLOOR ?= .venv-triton36
+$(VENV_TRITON_FLOOR)/.deps: Makefile
+	$(PYTHON) -m venv $(VENV_TRITON_FLOOR)
+	$(VENV_TRITON_FLOOR)/bin/python -m pip install -q torch==2.13.0 triton==3.6.0 numpy pytest hypothesis
+	touch $@
 
-# The main job: the benchmark harness on whatever device is here (GPU if present).
-bench: build
+test-triton-floor: build $(VENV_TRITON_FLOOR)/.deps
+	$(VENV_TRITON_FLOOR)/bin/python -m pytest -q tests/ops tests/nn -m triton
+	$(VENV_TRITON_FLOOR)/bin/python scripts/check_triton_compile.py
+	$(PY) scripts/check_triton_compile.py
+
+# Every CUDA kernel compiled standalone for the CI archs (registers / spills per kernel) and its
+# PTX checked: no kernel reads memory it writes through ld.global.nc (scripts/check_ptx_loads.py).
+test-cuda-compile:
+	ARCHS="$(subst ;, ,$(PYDL_CUDA_ARCHS))" PYTHON=$(PYTHON) scripts/check_cuda_compile.sh
+
+# Install matrix (pip install . / -e . / '.[bench]' / pip wheel / sdist -> wheel, each repeated in one
+# checkout) in a throwaway venv and a copy of the tree under build/install-check/.
+test-install:
+	PYTHON=$(PYTHON) scripts/check_install.sh
+
+test: test-fast test-sanitize test-cuda-emulated test-install test-triton-floor test-cuda-compile
+
+# The main job: the benchmark harness on whatever device is here (GPU if present). pydl goes in
+# the way a user installs it, editable with the [bench] extra (matplotlib, tqdm); reusing the
+# venv's build tools (--no-build-isolation) makes it the same incremental tree as `make build`.
+bench: env
+	$(PY) -m pip install -q --no-build-isolation -e '.[bench]'
 	$(PY) -m pydl.bench --out benchmarks/results/latest
 
 clean:

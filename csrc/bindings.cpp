@@ -4,8 +4,6 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
-#include <optional>
-
 #include "pydl/layer_norm.h"
 #include "pydl/tensor_view.h"
 
@@ -15,47 +13,56 @@
 
 namespace py = pybind11;
 using pydl::TensorView;
-using OptView = std::optional<TensorView>;
 
 namespace {
 
-TensorView opt(const OptView& v) { return v ? *v : TensorView{}; }
+// The row-wise entry points take each tensor as a data pointer (0 = absent) plus, for (M, N)
+// row tensors, its row stride: Python has already reduced every tensor to (M, N) rows with a
+// unit last stride, and building one pybind11 object per tensor would cost more than a small
+// kernel (see docs/architecture.md, "Where the microseconds go"). The views are assembled here
+// and validated by validate_layer_norm_fwd/bwd like any other caller's.
+using pydl::matrix_view;
+using pydl::vector_view;
 
-pydl::LayerNormFwdArgs fwd_args(const TensorView& x, const OptView& residual, const OptView& weight,
-                                const OptView& bias, const TensorView& y, const OptView& h,
-                                const TensorView& mean, const TensorView& rstd, double eps,
-                                int act) {
+int32_t stats_dtype(int32_t dtype) {
+  return dtype == static_cast<int32_t>(pydl::DType::kFloat64) ? dtype
+                                                              : static_cast<int32_t>(pydl::DType::kFloat32);
+}
+
+pydl::LayerNormFwdArgs fwd_args(int64_t M, int64_t N, int32_t dtype, uintptr_t x, int64_t x_ld,
+                                uintptr_t residual, int64_t residual_ld, int32_t param_dtype,
+                                uintptr_t weight, uintptr_t bias, uintptr_t y, uintptr_t h,
+                                uintptr_t mean, uintptr_t rstd, double eps, int act) {
   pydl::LayerNormFwdArgs a;
-  a.x = x;
-  a.residual = opt(residual);
-  a.weight = opt(weight);
-  a.bias = opt(bias);
-  a.y = y;
-  a.h = opt(h);
-  a.mean = mean;
-  a.rstd = rstd;
+  a.x = matrix_view(x, dtype, M, N, x_ld);
+  a.residual = matrix_view(residual, dtype, M, N, residual_ld);
+  a.weight = vector_view(weight, param_dtype, N);
+  a.bias = vector_view(bias, param_dtype, N);
+  a.y = matrix_view(y, dtype, M, N, N);
+  a.h = matrix_view(h, dtype, M, N, N);
+  a.mean = vector_view(mean, stats_dtype(dtype), M);
+  a.rstd = vector_view(rstd, stats_dtype(dtype), M);
   a.eps = eps;
   a.act = static_cast<pydl::Activation>(act);
   return a;
 }
 
-pydl::LayerNormBwdArgs bwd_args(const TensorView& dy, const OptView& dh, const TensorView& x,
-                                const OptView& weight, const OptView& bias, const TensorView& mean,
-                                const TensorView& rstd, const TensorView& dx,
-                                const OptView& dweight, const OptView& dbias,
-                                const OptView& workspace, int act) {
+pydl::LayerNormBwdArgs bwd_args(int64_t M, int64_t N, int32_t dtype, uintptr_t dy, int64_t dy_ld,
+                                uintptr_t dh, int64_t dh_ld, uintptr_t x, int64_t x_ld,
+                                int32_t param_dtype, uintptr_t weight, uintptr_t bias,
+                                uintptr_t mean, uintptr_t rstd, uintptr_t dx, uintptr_t dweight,
+                                uintptr_t dbias, int act) {
   pydl::LayerNormBwdArgs a;
-  a.dy = dy;
-  a.dh = opt(dh);
-  a.x = x;
-  a.weight = opt(weight);
-  a.bias = opt(bias);
-  a.mean = mean;
-  a.rstd = rstd;
-  a.dx = dx;
-  a.dweight = opt(dweight);
-  a.dbias = opt(dbias);
-  a.workspace = opt(workspace);
+  a.dy = matrix_view(dy, dtype, M, N, dy_ld);
+  a.dh = matrix_view(dh, dtype, M, N, dh_ld);
+  a.x = matrix_view(x, dtype, M, N, x_ld);
+  a.weight = vector_view(weight, param_dtype, N);
+  a.bias = vector_view(bias, param_dtype, N);
+  a.mean = vector_view(mean, stats_dtype(dtype), M);
+  a.rstd = vector_view(rstd, stats_dtype(dtype), M);
+  a.dx = matrix_view(dx, dtype, M, N, N);
+  a.dweight = vector_view(dweight, param_dtype, N);
+  a.dbias = vector_view(dbias, param_dtype, N);
   a.act = static_cast<pydl::Activation>(act);
   return a;
 }
@@ -86,52 +93,53 @@ PYBIND11_MODULE(_C, m) {
   using namespace py::literals;
   auto gil = py::call_guard<py::gil_scoped_release>();
 
+#define PYDL_LN_FWD_ARGS                                                                       \
+  int64_t M, int64_t N, int32_t dtype, uintptr_t x, int64_t x_ld, uintptr_t residual,          \
+      int64_t residual_ld, int32_t param_dtype, uintptr_t weight, uintptr_t bias, uintptr_t y,  \
+      uintptr_t h, uintptr_t mean, uintptr_t rstd, double eps, int act
+#define PYDL_LN_FWD_PASS M, N, dtype, x, x_ld, residual, residual_ld, param_dtype, weight, bias, y, h, mean, rstd, eps, act
+#define PYDL_LN_FWD_NAMES                                                                      \
+  "M"_a, "N"_a, "dtype"_a, "x"_a, "x_ld"_a, "residual"_a, "residual_ld"_a, "param_dtype"_a,     \
+      "weight"_a, "bias"_a, "y"_a, "h"_a, "mean"_a, "rstd"_a, "eps"_a, "act"_a
+#define PYDL_LN_BWD_ARGS                                                                       \
+  int64_t M, int64_t N, int32_t dtype, uintptr_t dy, int64_t dy_ld, uintptr_t dh, int64_t dh_ld, \
+      uintptr_t x, int64_t x_ld, int32_t param_dtype, uintptr_t weight, uintptr_t bias,         \
+      uintptr_t mean, uintptr_t rstd, uintptr_t dx, uintptr_t dweight, uintptr_t dbias, int act
+#define PYDL_LN_BWD_PASS M, N, dtype, dy, dy_ld, dh, dh_ld, x, x_ld, param_dtype, weight, bias, mean, rstd, dx, dweight, dbias, act
+#define PYDL_LN_BWD_NAMES                                                                      \
+  "M"_a, "N"_a, "dtype"_a, "dy"_a, "dy_ld"_a, "dh"_a, "dh_ld"_a, "x"_a, "x_ld"_a,               \
+      "param_dtype"_a, "weight"_a, "bias"_a, "mean"_a, "rstd"_a, "dx"_a, "dweight"_a, "dbias"_a, \
+      "act"_a
+
   m.def(
       "layer_norm_fwd_cpu",
-      [](const TensorView& x, const OptView& residual, const OptView& weight, const OptView& bias,
-         const TensorView& y, const OptView& h, const TensorView& mean, const TensorView& rstd,
-         double eps, int act, int num_threads) {
-        pydl::layer_norm_fwd_cpu(fwd_args(x, residual, weight, bias, y, h, mean, rstd, eps, act),
-                                 num_threads);
+      [](PYDL_LN_FWD_ARGS, int num_threads) {
+        pydl::layer_norm_fwd_cpu(fwd_args(PYDL_LN_FWD_PASS), num_threads);
       },
-      "x"_a, "residual"_a, "weight"_a, "bias"_a, "y"_a, "h"_a, "mean"_a, "rstd"_a, "eps"_a,
-      "act"_a, "num_threads"_a, gil);
+      PYDL_LN_FWD_NAMES, "num_threads"_a, gil);
   m.def(
       "layer_norm_bwd_cpu",
-      [](const TensorView& dy, const OptView& dh, const TensorView& x, const OptView& weight,
-         const OptView& bias, const TensorView& mean, const TensorView& rstd,
-         const TensorView& dx, const OptView& dweight, const OptView& dbias, int act,
-         int num_threads) {
-        pydl::layer_norm_bwd_cpu(
-            bwd_args(dy, dh, x, weight, bias, mean, rstd, dx, dweight, dbias, std::nullopt, act),
-            num_threads);
+      [](PYDL_LN_BWD_ARGS, int num_threads) {
+        pydl::layer_norm_bwd_cpu(bwd_args(PYDL_LN_BWD_PASS), num_threads);
       },
-      "dy"_a, "dh"_a, "x"_a, "weight"_a, "bias"_a, "mean"_a, "rstd"_a, "dx"_a, "dweight"_a,
-      "dbias"_a, "act"_a, "num_threads"_a, gil);
+      PYDL_LN_BWD_NAMES, "num_threads"_a, gil);
 
 #ifdef PYDL_WITH_CUDA
   m.def(
       "layer_norm_fwd_cuda",
-      [](const TensorView& x, const OptView& residual, const OptView& weight, const OptView& bias,
-         const TensorView& y, const OptView& h, const TensorView& mean, const TensorView& rstd,
-         double eps, int act, uintptr_t stream) {
-        pydl::layer_norm_fwd_cuda(fwd_args(x, residual, weight, bias, y, h, mean, rstd, eps, act),
-                                  reinterpret_cast<void*>(stream));
+      [](PYDL_LN_FWD_ARGS, uintptr_t stream) {
+        pydl::layer_norm_fwd_cuda(fwd_args(PYDL_LN_FWD_PASS), reinterpret_cast<void*>(stream));
       },
-      "x"_a, "residual"_a, "weight"_a, "bias"_a, "y"_a, "h"_a, "mean"_a, "rstd"_a, "eps"_a,
-      "act"_a, "stream"_a, gil);
+      PYDL_LN_FWD_NAMES, "stream"_a, gil);
   m.def(
       "layer_norm_bwd_cuda",
-      [](const TensorView& dy, const OptView& dh, const TensorView& x, const OptView& weight,
-         const OptView& bias, const TensorView& mean, const TensorView& rstd,
-         const TensorView& dx, const OptView& dweight, const OptView& dbias,
-         const OptView& workspace, int act, uintptr_t stream) {
-        pydl::layer_norm_bwd_cuda(
-            bwd_args(dy, dh, x, weight, bias, mean, rstd, dx, dweight, dbias, workspace, act),
-            reinterpret_cast<void*>(stream));
+      [](PYDL_LN_BWD_ARGS, uintptr_t workspace, int64_t workspace_rows, uintptr_t stream) {
+        auto a = bwd_args(PYDL_LN_BWD_PASS);
+        a.workspace = matrix_view(workspace, static_cast<int32_t>(pydl::DType::kFloat32),
+                                  workspace_rows, 2 * N, 2 * N);
+        pydl::layer_norm_bwd_cuda(a, reinterpret_cast<void*>(stream));
       },
-      "dy"_a, "dh"_a, "x"_a, "weight"_a, "bias"_a, "mean"_a, "rstd"_a, "dx"_a, "dweight"_a,
-      "dbias"_a, "workspace"_a, "act"_a, "stream"_a, gil);
+      PYDL_LN_BWD_NAMES, "workspace"_a, "workspace_rows"_a, "stream"_a, gil);
   m.def("layer_norm_bwd_cuda_num_partials", &pydl::layer_norm_bwd_cuda_num_partials, "M"_a,
         "N"_a, gil);
 #endif

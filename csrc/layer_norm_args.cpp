@@ -51,8 +51,11 @@ void validate_layer_norm_fwd(const LayerNormFwdArgs& a, const char* op) {
   if (a.weight.defined) check_vector(a.weight, N, a.x.dtype, op, "weight");
   if (a.bias.defined) check_vector(a.bias, N, a.x.dtype, op, "bias");
   check_matrix_output(a.y, a.x, op, "y", "x");
-  check_vector(a.mean, M, stats_dtype_for(a.x.dtype), op, "mean");
-  check_vector(a.rstd, M, stats_dtype_for(a.x.dtype), op, "rstd");
+  PYDL_CHECK(a.mean.defined == a.rstd.defined, op, ": mean and rstd are given together or not at all");
+  if (a.mean.defined) {
+    check_vector(a.mean, M, stats_dtype_for(a.x.dtype), op, "mean");
+    check_vector(a.rstd, M, stats_dtype_for(a.x.dtype), op, "rstd");
+  }
 }
 
 void validate_layer_norm_bwd(const LayerNormBwdArgs& a, const char* op) {

@@ -25,4 +25,15 @@ TensorView make_view(uintptr_t data, int32_t dtype_code, const std::vector<int64
   return v;
 }
 
+TensorView matrix_view(uintptr_t data, int32_t dtype_code, int64_t rows, int64_t cols,
+                       int64_t row_stride) {
+  if (data == 0) return TensorView{};
+  return make_view(data, dtype_code, {rows, cols}, {row_stride, 1});
+}
+
+TensorView vector_view(uintptr_t data, int32_t dtype_code, int64_t n) {
+  if (data == 0) return TensorView{};
+  return make_view(data, dtype_code, {n}, {1});
+}
+
 }  // namespace pydl

@@ -26,10 +26,15 @@ def collect_info() -> dict:
         "triton": "installed" if backends.triton_importable() else "not installed",
         "cpu_threads": torch.get_num_threads(),
     }
+    facts["PYDL_BACKEND"] = backends.env_problem() or backends.env_backend() or "unset (automatic choice)"
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     probe = torch.empty((1, 1024), device=device, dtype=dtype)
-    facts[f"layer_norm backend ({device}, {str(dtype).replace('torch.', '')})"] = choose_backend(probe)
+    label = f"layer_norm backend ({device}, {str(dtype).replace('torch.', '')})"
+    try:
+        facts[label] = choose_backend(probe)
+    except (ValueError, backends.BackendError) as exc:  # e.g. a bad $PYDL_BACKEND: say it, don't crash
+        facts[label] = f"none: {exc}"
     return facts
 
 

@@ -1,17 +1,26 @@
 #!/usr/bin/env bash
 # Compiles CUDA sources standalone with nvcc (no GPU, no CMake, no torch needed) for each
 # architecture and prints, per kernel, registers, stack frame and spill bytes from ptxas -v.
+# It also checks the PTX of every kernel with scripts/check_ptx_loads.py: no kernel may read
+# memory that it writes through the non-coherent read-only path (ld.global.nc: undefined
+# behaviour that tests and compute-sanitizer cannot see), and ln_fwd_uncached with a residual
+# must re-read h (its parameter 5, written by its pass 1) with coherent loads.
 # Objects go to a temporary directory that is removed afterwards.
 #
 # usage: scripts/check_cuda_compile.sh [file.cu ...]     (default: every csrc/cuda/*.cu)
-# env:   NVCC (default nvcc), ARCHS (default "90a 80"), NVCC_FLAGS (extra flags)
-# Exit status: non-zero when a compile fails, or when STRICT=1 and a kernel spills or uses stack.
+# env:   NVCC (default nvcc), ARCHS (default "90a 80"), NVCC_FLAGS (extra flags), PYTHON
+# Exit status: non-zero when a compile or the load check fails, or when STRICT=1 and a kernel
+# spills or uses stack.
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
 NVCC=${NVCC:-nvcc}
 ARCHS=${ARCHS:-"90a 80"}
 STRICT=${STRICT:-0}
+PYTHON=${PYTHON:-python3}
+# Loads that must be coherent, as MANGLED-NAME-REGEX:PARAMETER-INDEX (see check_ptx_loads.py):
+# ln_fwd_uncached<T, VEC, U, RES = true> re-reads h, its parameter 5.
+PTX_EXPECT=(--expect-coherent "ln_fwd_uncachedI.*Lb1EE:5")
 if [ "$#" -gt 0 ]; then files=("$@"); else files=(csrc/cuda/*.cu); fi
 
 command -v "$NVCC" >/dev/null 2>&1 || { echo "check_cuda_compile: $NVCC not found" >&2; exit 2; }
@@ -27,9 +36,11 @@ for f in "${files[@]}"; do
     stem=$(basename "$f" .cu)
     log="$tmp/$stem.sm_$arch.log"
     start=$(date +%s)
+    keep="$tmp/keep.$stem.sm_$arch"  # nvcc -keep: the PTX ptxas compiled, for the load check
+    mkdir -p "$keep"
     if ! "$NVCC" -std=c++17 -O3 --expt-relaxed-constexpr -Icsrc/include \
         -gencode="arch=compute_$arch,code=sm_$arch" -Xptxas -v ${NVCC_FLAGS:-} \
-        -c "$f" -o "$tmp/$stem.sm_$arch.o" >"$log" 2>&1; then
+        -keep -keep-dir "$keep" -c "$f" -o "$tmp/$stem.sm_$arch.o" >"$log" 2>&1; then
       echo "== $f sm_$arch: COMPILE FAILED"
       grep -v 'ptxas info' "$log" || true
       status=1
@@ -59,6 +70,11 @@ for f in "${files[@]}"; do
       done
     n_bad=$(awk -F'\t' '$2 != 0 || $3 != 0 || $4 != 0' "$tmp/rows.tsv" | wc -l)
     bad=$((bad + n_bad))
+    if ! "$PYTHON" scripts/check_ptx_loads.py "${PTX_EXPECT[@]}" "$keep/$stem.ptx" | sed 's/^/   /'; then
+      echo "== $f sm_$arch: LOAD CHECK FAILED (a kernel reads memory it writes through ld.global.nc)"
+      status=1
+    fi
+    rm -rf "$keep"
   done
 done
 echo "kernels with stack or spills: $bad"

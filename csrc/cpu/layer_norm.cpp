@@ -108,8 +108,10 @@ PYDL_INLINE void fwd_rows(const LayerNormFwdArgs& a, const acc_t<T>* w, const ac
     const A mean = static_cast<A>(mean0 + shift);
     const A var = static_cast<A>(sq / static_cast<double>(n) - shift * shift);
     const A rstd = A(1) / std::sqrt((var < A(0) ? A(0) : var) + static_cast<A>(a.eps));
-    a.mean.ptr<A>()[r] = mean;
-    a.rstd.ptr<A>()[r] = rstd;
+    if (a.mean.defined) {
+      a.mean.ptr<A>()[r] = mean;
+      a.rstd.ptr<A>()[r] = rstd;
+    }
     T* y = a.y.ptr<T>() + r * n;
 #pragma omp simd
     for (int64_t j = 0; j < n; ++j) {

@@ -18,30 +18,29 @@ from ..ops.layer_norm import layer_norm, layer_norm_gelu
 class LayerNorm(torch.nn.LayerNorm):
     """``torch.nn.LayerNorm`` computed by pydl's fused kernels.
 
-    Input (..., *normalized_shape) -> output of the same shape. Under autocast the module
-    computes in float32, as ``torch.nn.LayerNorm`` does.
+    Input (..., *normalized_shape) -> output of the same shape. Under autocast the output dtype
+    is torch's: float32 inside a CUDA autocast region (layer_norm is on CUDA autocast's float32
+    list), the input's dtype under CPU autocast (which leaves layer_norm alone).
     """
 
     _activation: Optional[str] = None
 
     def forward(self, x: Tensor) -> Tensor:
-        k = len(self.normalized_shape)
-        if x.dim() < k or tuple(x.shape[x.dim() - k:]) != tuple(self.normalized_shape):
+        shape = self.normalized_shape
+        if x.shape[-len(shape):] != shape:  # also when x has fewer dims than normalized_shape
             raise ValueError(
                 f"{type(self).__name__}: input of shape {tuple(x.shape)} does not end with "
-                f"normalized_shape {tuple(self.normalized_shape)}")
-        weight = self.weight.reshape(-1) if self.weight is not None else None
-        bias = self.bias.reshape(-1) if self.bias is not None else None
-        if torch.is_autocast_enabled(x.device.type):
-            x = x.float()
-            weight = weight.float() if weight is not None else None
-            bias = bias.float() if bias is not None else None
-        rows = x.flatten(x.dim() - k) if k > 1 else x
+                f"normalized_shape {tuple(shape)}")
+        if len(shape) == 1:
+            return self._normalize(x, self.weight, self.bias)
+        flat = lambda t: None if t is None else t.reshape(-1)  # noqa: E731
+        y = self._normalize(x.flatten(x.dim() - len(shape)), flat(self.weight), flat(self.bias))
+        return y.view(x.shape)
+
+    def _normalize(self, rows: Tensor, weight: Optional[Tensor], bias: Optional[Tensor]) -> Tensor:
         if self._activation is None:
-            y = layer_norm(rows, weight, bias, self.eps)
-        else:
-            y = layer_norm_gelu(rows, weight, bias, self.eps, approximate=self._activation)
-        return y.view(x.shape) if k > 1 else y
+            return layer_norm(rows, weight, bias, self.eps)
+        return layer_norm_gelu(rows, weight, bias, self.eps, approximate=self._activation)
 
 
 class LayerNormGELU(LayerNorm):
@@ -58,3 +57,25 @@ class LayerNormGELU(LayerNorm):
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, approximate={self.approximate!r}"
+
+
+class LayerNorm2d(LayerNorm):
+    """timm's ``LayerNorm2d``: LayerNorm over the channels C of an (N, C, H, W) tensor.
+
+    Same constructor (``num_channels, eps=1e-6, affine=True``, plus ``nn.LayerNorm``'s keyword
+    arguments such as ``device``/``dtype``), parameters and state_dict keys as
+    ``timm.layers.LayerNorm2d``, so a timm checkpoint loads unchanged (ConvNeXt's stem and
+    downsampling layers use it). The output has timm's layout: channels_last strides.
+
+    Zero-copy for a channels_last input (its NHWC view is contiguous rows of C); an NCHW input
+    is transposed once into rows by the kernel's input path.
+    """
+
+    def __init__(self, num_channels: int, eps: float = 1e-6, affine: bool = True, **kwargs):
+        super().__init__(num_channels, eps=eps, elementwise_affine=affine, **kwargs)
+
+    def forward(self, x: Tensor) -> Tensor:
+        c = self.normalized_shape[0]
+        if x.dim() != 4 or x.shape[1] != c:
+            raise ValueError(f"LayerNorm2d: expected an (N, {c}, H, W) input, got shape {tuple(x.shape)}")
+        return self._normalize(x.permute(0, 2, 3, 1), self.weight, self.bias).permute(0, 3, 1, 2)

@@ -1,21 +1,22 @@
 """Fused LayerNorm family: ``layer_norm``, ``layer_norm_gelu`` and ``add_layer_norm``.
 
-All three normalize over the last dim of ``x`` (size N, 1..65536 on the native/Triton kernels,
-any size on the torch backend), with PyTorch's semantics:
+All three normalize over the last dim of ``x`` (any size N, any leading shape), with PyTorch's
+semantics:
 
     layer_norm(x, w, b, eps)              == F.layer_norm(x, (N,), w, b, eps)
     layer_norm_gelu(x, w, b, eps, approx) == F.gelu(F.layer_norm(x, (N,), w, b, eps), approximate=approx)
     add_layer_norm(x, r, w, b, eps, act)  == (act(F.layer_norm(x + r, (N,), w, b, eps)), x + r)
 
-They share two custom ops, ``pydl::layer_norm_fwd`` and ``pydl::layer_norm_bwd`` (registered with
-fake implementations and autograd, so they work under torch.compile(fullgraph=True)), and three
-backends: ``native`` (csrc/cpu, csrc/cuda), ``triton`` (pydl/triton/layer_norm.py) and ``torch``
-(the composition below). Every backend sees 2-D ``(M, N)`` row views with unit last stride.
+Backends: ``native`` (csrc/cpu, csrc/cuda), ``triton`` (pydl/triton/layer_norm.py) and
+``torch`` (torch's own ``F.layer_norm`` / ``F.gelu``, with torch's autograd). The kernel
+backends share two custom ops, ``pydl::layer_norm_fwd`` and ``pydl::layer_norm_bwd`` (fake
+impls, vmap rules, autograd), which the traced path uses; plain eager calls reach the kernels
+directly (pydl/ops/_common.py explains the two paths). Kernel backends see ``(..., N)`` tensors
+and reduce them to ``(M, N)`` rows with a unit last stride.
 """
 
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
@@ -23,19 +24,18 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import _native, backends
+from ._common import EAGER, EAGER_GRAD, cuda_autocast_fp32, differentiable_grads, eager_mode, vmap_by_loop
 
 # Activation codes shared with the kernels (csrc/include/pydl/layer_norm.h, pydl/triton).
 ACT_NONE, ACT_GELU, ACT_GELU_TANH = 0, 1, 2
 _ACTIVATION_CODES = {None: ACT_NONE, "gelu": ACT_GELU, "gelu_tanh": ACT_GELU_TANH}
 _APPROXIMATE_CODES = {"none": ACT_GELU, "tanh": ACT_GELU_TANH}
-MAX_KERNEL_N = 65536
+_GELU_APPROXIMATE = {ACT_GELU: "none", ACT_GELU_TANH: "tanh"}
+TRITON_MAX_N = 65536  # the Triton kernels' chunked path is sized up to here
 
 _NATIVE_CPU_DTYPES = (torch.float32, torch.bfloat16, torch.float64)
 _NATIVE_CUDA_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-# Unmeasured on a GPU so far: native first because its backward reduction was designed for
-# small N; revisit with benchmarks/results (docs/architecture.md, "Backend priorities").
-_PRIORITY = {"cpu": ("native", "torch"), "cuda": ("native", "triton", "torch")}
 
 
 # ---- public API ------------------------------------------------------------------------------
@@ -47,8 +47,7 @@ def layer_norm(x: Tensor, weight: Optional[Tensor] = None, bias: Optional[Tensor
     x: (..., N) floating tensor; weight, bias: (N,) of x's dtype and device, or None.
     Returns y: x's shape and dtype. ``backend`` forces "native", "triton" or "torch".
     """
-    y, _ = _apply("layer_norm", x, None, weight, bias, eps, ACT_NONE, backend)
-    return y
+    return _forward("layer_norm", x, None, weight, bias, eps, ACT_NONE, backend)[0]
 
 
 def layer_norm_gelu(x: Tensor, weight: Optional[Tensor] = None, bias: Optional[Tensor] = None,
@@ -58,10 +57,10 @@ def layer_norm_gelu(x: Tensor, weight: Optional[Tensor] = None, bias: Optional[T
 
     x: (..., N); weight, bias: (N,) or None. Returns y of x's shape and dtype.
     """
-    if approximate not in _APPROXIMATE_CODES:
+    act = _APPROXIMATE_CODES.get(approximate)
+    if act is None:
         raise ValueError(f"layer_norm_gelu: approximate must be 'none' or 'tanh', got {approximate!r}")
-    y, _ = _apply("layer_norm_gelu", x, None, weight, bias, eps, _APPROXIMATE_CODES[approximate], backend)
-    return y
+    return _forward("layer_norm_gelu", x, None, weight, bias, eps, act, backend)[0]
 
 
 def add_layer_norm(x: Tensor, residual: Tensor, weight: Optional[Tensor] = None,
@@ -73,22 +72,19 @@ def add_layer_norm(x: Tensor, residual: Tensor, weight: Optional[Tensor] = None,
     activation: None, "gelu" or "gelu_tanh". Returns (y, h), both of x's shape and dtype
     (h is rounded to x's dtype before it is normalized, exactly like the unfused torch code).
     """
-    if activation not in _ACTIVATION_CODES:
+    act = _ACTIVATION_CODES.get(activation) if isinstance(activation, (str, type(None))) else None
+    if act is None:
         raise ValueError(f"add_layer_norm: activation must be None, 'gelu' or 'gelu_tanh', got {activation!r}")
     if not isinstance(residual, Tensor):
         raise TypeError(f"add_layer_norm: residual must be a Tensor, got {type(residual).__name__}")
-    return _apply("add_layer_norm", x, residual, weight, bias, eps, _ACTIVATION_CODES[activation], backend)
+    return _forward("add_layer_norm", x, residual, weight, bias, eps, act, backend)
 
 
 def layer_norm_ref(x: Tensor, weight: Optional[Tensor] = None, bias: Optional[Tensor] = None,
                    eps: float = 1e-5, activation: Optional[str] = None) -> Tensor:
     """float64 reference of layer_norm / layer_norm_gelu (activation None, "gelu", "gelu_tanh")."""
-    n = x.shape[-1]
     up = lambda t: None if t is None else t.double()  # noqa: E731
-    y = F.layer_norm(x.double(), (n,), up(weight), up(bias), eps)
-    if activation is not None:
-        y = F.gelu(y, approximate="tanh" if activation == "gelu_tanh" else "none")
-    return y
+    return _torch_ln(x.double(), up(weight), up(bias), eps, _ACTIVATION_CODES[activation])
 
 
 def add_layer_norm_ref(x: Tensor, residual: Tensor, weight: Optional[Tensor] = None,
@@ -101,246 +97,432 @@ def add_layer_norm_ref(x: Tensor, residual: Tensor, weight: Optional[Tensor] = N
 
 # ---- argument checks and backend choice --------------------------------------------------------
 
+_INF = float("inf")
+
+
 def _check_args(op: str, x, residual, weight, bias, eps) -> None:
+    """Argument checks, written for speed (a model's forward pays them on every call): each
+    tensor attribute read costs ~0.1 us, so each is read once; torch.device objects are never
+    built (a device is compared through is_cpu / get_device())."""
     if not isinstance(x, Tensor):
         raise TypeError(f"{op}: x must be a Tensor, got {type(x).__name__}")
-    if not x.is_floating_point():
-        raise TypeError(f"{op}: x must be a floating-point tensor, got dtype {x.dtype}")
-    if x.dim() == 0 or x.shape[-1] == 0:
-        raise ValueError(f"{op}: x must have a non-empty last dim to normalize, got shape {tuple(x.shape)}")
-    n = x.shape[-1]
-    others = (("residual", residual, tuple(x.shape)), ("weight", weight, (n,)), ("bias", bias, (n,)))
-    for name, t, shape in others:
+    dtype, shape, on_cpu = x.dtype, x.shape, x.is_cpu
+    if not dtype.is_floating_point:
+        raise TypeError(f"{op}: x must be a floating-point tensor, got dtype {dtype}")
+    if not shape:
+        raise ValueError(f"{op}: x must have at least one dim to normalize, got a 0-dim tensor")
+    vector = (shape[-1],)
+    for name, t, want in (("residual", residual, shape), ("weight", weight, vector), ("bias", bias, vector)):
         if t is None:
             continue
         if not isinstance(t, Tensor):
             raise TypeError(f"{op}: {name} must be a Tensor or None, got {type(t).__name__}")
-        if tuple(t.shape) != shape:
-            raise ValueError(f"{op}: {name} must have shape {shape}, got {tuple(t.shape)}")
-        if t.dtype != x.dtype:
-            raise TypeError(f"{op}: {name} dtype {t.dtype} must match x dtype {x.dtype}")
-        if t.device != x.device:
+        if t.shape != want:
+            raise ValueError(f"{op}: {name} must have shape {tuple(want)}, got {tuple(t.shape)}")
+        if t.dtype is not dtype:
+            raise TypeError(f"{op}: {name} dtype {t.dtype} must match x dtype {dtype}")
+        if t.is_cpu is not on_cpu or (not on_cpu and t.get_device() != x.get_device()):
             raise ValueError(f"{op}: {name} is on {t.device} but x is on {x.device}")
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)):
+    if type(eps) is not float and (isinstance(eps, bool) or not isinstance(eps, (int, float))):
         raise TypeError(f"{op}: eps must be a float, got {type(eps).__name__}")
-    if not (eps >= 0 and math.isfinite(eps)):
+    if not 0.0 <= eps < _INF:  # also refuses NaN
         raise ValueError(f"{op}: eps must be a finite number >= 0, got {eps}")
 
 
-def _native_reasons(x: Tensor) -> list:
-    reasons = backends.native_reasons([x], _NATIVE_CPU_DTYPES, _NATIVE_CUDA_DTYPES)
-    if x.shape[-1] > MAX_KERNEL_N:
-        reasons.append(f"normalized size {x.shape[-1]} > {MAX_KERNEL_N}")
+def _native_reasons(key: tuple) -> list:
+    return backends.native_reasons(key[0], key[1], _NATIVE_CPU_DTYPES, _NATIVE_CUDA_DTYPES)
+
+
+def _triton_reasons(key: tuple) -> list:
+    reasons = backends.triton_reasons(key[0], key[1], _TRITON_DTYPES)
+    if key[2]:
+        reasons.append(f"normalized size > {TRITON_MAX_N}")
     return reasons
 
 
-def _triton_reasons(x: Tensor) -> list:
-    reasons = backends.triton_reasons([x], _TRITON_DTYPES)
-    if x.shape[-1] > MAX_KERNEL_N:
-        reasons.append(f"normalized size {x.shape[-1]} > {MAX_KERNEL_N}")
-    return reasons
+# Unmeasured on a GPU so far: native first because its backward reduction was designed for
+# small N; revisit with benchmarks/results (docs/architecture.md, "Backend priorities").
+DISPATCH = backends.Dispatcher(
+    "layer_norm", {"native": _native_reasons, "triton": _triton_reasons, "torch": lambda key: []},
+    {"cpu": ("native", "torch"), "cuda": ("native", "triton", "torch")})
 
 
-_CANDIDATES = {"native": _native_reasons, "triton": _triton_reasons, "torch": lambda x: []}
+def _device_type(x: Tensor) -> str:
+    return "cpu" if x.is_cpu else "cuda" if x.is_cuda else x.device.type
+
+
+def _key(x: Tensor) -> tuple:
+    """The call class the backend choice depends on: (device type, dtype, N above Triton's range)."""
+    return _device_type(x), x.dtype, x.shape[-1] > TRITON_MAX_N
 
 
 def choose_backend(x: Tensor, backend: Optional[str] = None, op: str = "layer_norm") -> str:
     """The backend that would run a LayerNorm-family call on ``x``."""
-    priority = _PRIORITY.get(x.device.type, ("torch",))
-    return backends.choose(op, _CANDIDATES, priority, backend, x)
+    return DISPATCH.choose(_key(x), backend)
 
 
-def _apply(op, x, residual, weight, bias, eps, act, backend):
+def _forward(op, x, residual, weight, bias, eps, act, backend):
+    """(y, h) of one LayerNorm-family call; h is None without a residual."""
     _check_args(op, x, residual, weight, bias, eps)
-    name = choose_backend(x, backend, op)
-    y, h, _, _ = torch.ops.pydl.layer_norm_fwd(x, residual, weight, bias, float(eps), act, name)
+    tensors = (x, residual, weight, bias)
+    if x.is_cuda:
+        tensors = cuda_autocast_fp32("cuda", tensors)
+        x, residual, weight, bias = tensors
+    name = DISPATCH.choose(_key(x), backend)
+    if name == "torch":
+        return _torch_forward(x, residual, weight, bias, eps, act)
+    eps = float(eps)
+    mode = eager_mode(tensors)
+    if mode == EAGER:  # inference: no statistics needed
+        y, h, _ = _FWD[name](x, residual, weight, bias, eps, act, False)
+        return y, h
+    if mode == EAGER_GRAD:
+        return _EagerLayerNorm.apply(x, residual, weight, bias, eps, act, name)
+    if _in_functorch_transform():
+        y, h, _ = _FunctorchLayerNorm.apply(x, residual, weight, bias, eps, act, name)
+    else:  # torch.compile / torch.export / fake tensors / dispatch modes / subclasses
+        y, h, _ = torch.ops.pydl.layer_norm_fwd(x, residual, weight, bias, eps, act, name)
     return y, (h if residual is not None else None)
 
 
-def _rows(t: Optional[Tensor]) -> Optional[Tensor]:
-    """(…, N) -> (M, N) with unit last stride; a view whenever torch can make one."""
-    if t is None:
-        return None
-    if t.numel() == 0:  # .contiguous() keeps an empty tensor's odd strides
-        return t.new_empty((0, t.shape[-1]))
-    if t.stride(-1) != 1 and t.shape[-1] != 1:
-        t = t.contiguous()
-    return t.reshape(-1, t.shape[-1])
+def _in_functorch_transform() -> bool:
+    return not torch.compiler.is_compiling() and torch._C._functorch.peek_interpreter_stack() is not None
 
 
-def _vector(t: Optional[Tensor]) -> Optional[Tensor]:
-    return None if t is None else t.contiguous()
+# ---- the torch backend: torch's own fused ops, torch's autograd ----------------------------------
 
+def _torch_ln(x, weight, bias, eps, act):
+    y = F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
+    return y if act == ACT_NONE else F.gelu(y, approximate=_GELU_APPROXIMATE[act])
+
+
+def _torch_forward(x, residual, weight, bias, eps, act):
+    h = x + residual if residual is not None else None
+    return _torch_ln(h if h is not None else x, weight, bias, eps, act), h
+
+
+# ---- kernel backends: (..., N) tensors in, outputs of x's shape --------------------------------
+#
+# Forward: (y, h, stats) — y, h contiguous of x's shape (h None without residual); stats (2, M)
+# float32 (float64 for float64 x): row 0 the mean, row 1 rstd = 1/sqrt(biased var + eps); None
+# when ``with_stats`` is False (inference: a backend may then skip computing them).
+# Backward: (dx, dweight, dbias) — dx contiguous of x's shape (dh included); dweight/dbias (N,)
+# or None when not requested.
 
 def _stats_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-# ---- backends: each takes (M, N) row views ------------------------------------------------------
+def _rows(t: Tensor, n: int) -> tuple:
+    """(t', ld): t as rows of length n with unit last stride — t itself when contiguous, else an
+    (M, N) view (a copy when torch cannot view it) — and the row stride ``ld``."""
+    if t.is_contiguous():
+        return t, n
+    if t.stride(-1) != 1 and n != 1:
+        return t.contiguous(), n
+    t = t.reshape(-1, n)
+    return t, (t.stride(0) if t.shape[0] > 1 else n)
 
-def _native_fwd(x, residual, weight, bias, eps, act):
-    c = _native.module()
-    m, n = x.shape
-    y = torch.empty((m, n), dtype=x.dtype, device=x.device)
-    h = torch.empty_like(y) if residual is not None else None
-    mean = torch.empty(m, dtype=_stats_dtype(x.dtype), device=x.device)
-    rstd = torch.empty_like(mean)
-    v, ov = _native.view, _native.opt_view
-    views = (v(x), ov(residual), ov(weight), ov(bias), v(y), ov(h), v(mean), v(rstd), eps, act)
-    if x.is_cuda:
-        with torch.cuda.device(x.device):
-            c.layer_norm_fwd_cuda(*views, _native.cuda_stream(x.device))
+
+def _matrix(t: Optional[Tensor], n: int) -> Optional[Tensor]:
+    """t as an (M, N) view with unit last stride (a copy when torch cannot view it)."""
+    if t is None:
+        return None
+    if t.stride(-1) != 1 and n != 1:
+        t = t.contiguous()
+    return t.reshape(-1, n)
+
+
+def _ptr(t: Optional[Tensor]) -> int:
+    return 0 if t is None else t.data_ptr()
+
+
+def _stats_ptrs(stats: Tensor) -> tuple:
+    """Data pointers of (mean, rstd) = the rows of ``stats`` (2, M) (any row stride)."""
+    if stats.stride(-1) != 1:
+        stats = stats.contiguous()
+    base = stats.data_ptr()
+    return base, base + stats.stride(0) * stats.element_size()
+
+
+def _empty_fwd(x, residual):
+    """Zero-element calls (M == 0 or N == 0): empty outputs, as torch gives them; no kernel."""
+    m = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    y = torch.empty_like(x, memory_format=torch.contiguous_format)
+    h = x + residual if residual is not None else None
+    return y, h, x.new_empty((2, m), dtype=_stats_dtype(x.dtype))
+
+
+def _native_fwd(x, residual, weight, bias, eps, act, with_stats=True):
+    n = x.shape[-1]
+    if x.numel() == 0:
+        return _empty_fwd(x, residual)
+    if x.is_contiguous():
+        x_ld, y = n, torch.empty_like(x)
     else:
-        c.layer_norm_fwd_cpu(*views, _native.num_threads())
-    return y, h, mean, rstd
-
-
-def _native_bwd(dy, dh, x, weight, bias, mean, rstd, act, need_dw, need_db):
-    c = _native.module()
-    m, n = x.shape
-    dx = torch.empty((m, n), dtype=x.dtype, device=x.device)
-    dw = torch.empty(n, dtype=x.dtype, device=x.device) if need_dw else None
-    db = torch.empty(n, dtype=x.dtype, device=x.device) if need_db else None
-    v, ov = _native.view, _native.opt_view
-    views = (v(dy), ov(dh), v(x), ov(weight), ov(bias), v(mean), v(rstd), v(dx), ov(dw), ov(db))
+        y = x.new_empty(x.shape)
+        x, x_ld = _rows(x, n)
+    m = x.numel() // n
+    h, r_ld = None, n
+    if residual is not None:
+        residual, r_ld = _rows(residual, n)
+        h = torch.empty_like(y)
+    stats, mean_ptr, rstd_ptr = None, 0, 0
+    if with_stats:
+        stats = x.new_empty((2, m), dtype=_stats_dtype(x.dtype))
+        mean_ptr, rstd_ptr = _stats_ptrs(stats)
+    code = _native.DTYPE_CODES[x.dtype]
+    weight, bias = _contiguous(weight), _contiguous(bias)
+    w_ptr = 0 if weight is None else weight.data_ptr()
+    b_ptr = 0 if bias is None else bias.data_ptr()
+    r_ptr = 0 if residual is None else residual.data_ptr()
+    h_ptr = 0 if h is None else h.data_ptr()
     if x.is_cuda:
-        with torch.cuda.device(x.device):
-            workspace = None
+        with _native.cuda_device(x):
+            _native.module().layer_norm_fwd_cuda(
+                m, n, code, x.data_ptr(), x_ld, r_ptr, r_ld, code, w_ptr, b_ptr, y.data_ptr(), h_ptr,
+                mean_ptr, rstd_ptr, eps, act, _native.cuda_stream(x))
+    else:
+        _native.module().layer_norm_fwd_cpu(
+            m, n, code, x.data_ptr(), x_ld, r_ptr, r_ld, code, w_ptr, b_ptr, y.data_ptr(), h_ptr,
+            mean_ptr, rstd_ptr, eps, act, torch.get_num_threads())
+    return y, h, stats
+
+
+def _native_bwd(dy, dh, x, weight, bias, stats, act, need_dw, need_db):
+    n = x.shape[-1]
+    if x.numel() == 0:
+        return _empty_bwd(dh, x, need_dw, need_db)
+    dx = x.new_empty(x.shape)
+    x, x_ld = _rows(x, n)
+    dy, dy_ld = _rows(dy, n)
+    dh_ld = n
+    if dh is not None:
+        dh, dh_ld = _rows(dh, n)
+    m = x.numel() // n
+    dw = x.new_empty(n) if need_dw else None
+    db = x.new_empty(n) if need_db else None
+    code = _native.DTYPE_CODES[x.dtype]
+    weight, bias = _contiguous(weight), _contiguous(bias)
+    args = (m, n, code, dy.data_ptr(), dy_ld, _ptr(dh), dh_ld, x.data_ptr(), x_ld, code, _ptr(weight),
+            _ptr(bias), *_stats_ptrs(stats), dx.data_ptr(), _ptr(dw), _ptr(db), act)
+    c = _native.module()
+    if x.is_cuda:
+        with _native.cuda_device(x):
+            workspace, rows = None, 0
             if need_dw or need_db:
                 rows = c.layer_norm_bwd_cuda_num_partials(m, n)
-                workspace = torch.empty((rows, 2 * n), dtype=torch.float32, device=x.device)
-            c.layer_norm_bwd_cuda(*views, ov(workspace), act, _native.cuda_stream(x.device))
+                workspace = x.new_empty((rows, 2 * n), dtype=torch.float32)
+            c.layer_norm_bwd_cuda(*args, _ptr(workspace), rows, _native.cuda_stream(x))
     else:
-        c.layer_norm_bwd_cpu(*views, act, _native.num_threads())
+        c.layer_norm_bwd_cpu(*args, _native.num_threads())
     return dx, dw, db
 
 
-def _activation(z: Tensor, act: int) -> Tensor:
-    if act == ACT_NONE:
-        return z
-    return F.gelu(z, approximate="tanh" if act == ACT_GELU_TANH else "none")
+def _empty_bwd(dh, x, need_dw, need_db):
+    n = x.shape[-1]
+    dx = dh.clone(memory_format=torch.contiguous_format) if dh is not None else torch.empty_like(
+        x, memory_format=torch.contiguous_format)
+    zeros = lambda: x.new_zeros(n)  # noqa: E731 - the sum over no rows
+    return dx, (zeros() if need_dw else None), (zeros() if need_db else None)
 
 
-_SQRT_HALF = math.sqrt(0.5)
-_INV_SQRT_2PI = 1 / math.sqrt(2 * math.pi)
-_SQRT_2_OVER_PI = math.sqrt(2 / math.pi)
-_GELU_TANH_COEF = 0.044715
-
-
-def _activation_grad(z: Tensor, act: int) -> Tensor:
-    """d act(z) / dz, exact for both GELU forms (as torch's gelu backward)."""
-    if act == ACT_GELU:
-        return 0.5 * (1 + torch.erf(z * _SQRT_HALF)) + z * _INV_SQRT_2PI * torch.exp(-0.5 * z * z)
-    t = torch.tanh(_SQRT_2_OVER_PI * (z + _GELU_TANH_COEF * z ** 3))
-    du = _SQRT_2_OVER_PI * (1 + 3 * _GELU_TANH_COEF * z * z)
-    return 0.5 * (1 + t) + 0.5 * z * (1 - t * t) * du
-
-
-def _torch_fwd(x, residual, weight, bias, eps, act):
-    h = x + residual if residual is not None else None
-    src = (h if h is not None else x).to(_stats_dtype(x.dtype))
-    mean = src.mean(-1)
-    centered = src - mean[:, None]
-    rstd = torch.rsqrt(centered.square().mean(-1) + eps)
-    z = centered * rstd[:, None]
-    if weight is not None:
-        z = z * weight
-    if bias is not None:
-        z = z + bias
-    return _activation(z, act).to(x.dtype), h, mean, rstd
-
-
-def _torch_bwd(dy, dh, x, weight, bias, mean, rstd, act, need_dw, need_db):
-    acc = _stats_dtype(x.dtype)
-    xhat = (x.to(acc) - mean[:, None]) * rstd[:, None]
-    g = dy.to(acc)
-    if act != ACT_NONE:
-        z = xhat * (weight if weight is not None else 1) + (bias if bias is not None else 0)
-        g = g * _activation_grad(z, act)
-    dxhat = g * weight if weight is not None else g
-    c1 = dxhat.mean(-1, keepdim=True)
-    c2 = (dxhat * xhat).mean(-1, keepdim=True)
-    dx = rstd[:, None] * (dxhat - c1 - xhat * c2)
-    if dh is not None:
-        dx = dx + dh
-    dw = (g * xhat).sum(0).to(x.dtype) if need_dw else None
-    db = g.sum(0).to(x.dtype) if need_db else None
-    return dx.to(x.dtype), dw, db
-
-
-def _triton_impl():
+def _triton_module():
     from ..triton import layer_norm as triton_layer_norm  # imports triton: only when chosen
 
     return triton_layer_norm
 
 
-_FWD = {"native": _native_fwd, "torch": _torch_fwd, "triton": lambda *a: _triton_impl().layer_norm_fwd(*a)}
-_BWD = {"native": _native_bwd, "torch": _torch_bwd, "triton": lambda *a: _triton_impl().layer_norm_bwd(*a)}
+def _triton_fwd(x, residual, weight, bias, eps, act, with_stats=True):
+    n = x.shape[-1]
+    if x.numel() == 0:
+        return _empty_fwd(x, residual)
+    shape = x.shape
+    y, h, stats = _triton_module().layer_norm_fwd(
+        _matrix(x, n), _matrix(residual, n), _contiguous(weight), _contiguous(bias), eps, act)
+    return y.view(shape), (h.view(shape) if h is not None else None), stats
 
 
-# ---- custom ops ------------------------------------------------------------------------------
+def _triton_bwd(dy, dh, x, weight, bias, stats, act, need_dw, need_db):
+    n = x.shape[-1]
+    if x.numel() == 0:
+        return _empty_bwd(dh, x, need_dw, need_db)
+    stats = stats.contiguous()
+    dx, dw, db = _triton_module().layer_norm_bwd(
+        _matrix(dy, n), _matrix(dh, n), _matrix(x, n), _contiguous(weight), _contiguous(bias),
+        stats[0], stats[1], act, need_dw, need_db)
+    return dx.view(x.shape), dw, db
+
+
+def _contiguous(t: Optional[Tensor]) -> Optional[Tensor]:
+    return t if t is None or t.is_contiguous() else t.contiguous()
+
+
+_FWD = {"native": _native_fwd, "triton": _triton_fwd}
+_BWD = {"native": _native_bwd, "triton": _triton_bwd}
+
+
+# ---- autograd, shared by the eager Function, the functorch Function and the custom op ------------
+#
+# Saved: the normalized input (x, or h = x + residual: an output, so add_layer_norm never keeps
+# x and residual alive), weight, bias and the row statistics.
+
+def _save(ctx, x, residual, weight, bias, eps, act, backend, h, stats):
+    ctx.set_materialize_grads(False)  # an unused output's gradient arrives as None, not zeros
+    ctx.has_residual = residual is not None
+    ctx.eps, ctx.act, ctx.backend = eps, act, backend
+    ctx.save_for_backward(h if ctx.has_residual else x, weight, bias, stats)
+
+
+def _grads(ctx, dy, dh, bwd, differentiable: bool) -> tuple:
+    """(dx, dresidual, dweight, dbias) from the saved context; ``bwd`` runs the kernel.
+
+    differentiable: the caller asked for a backward graph (``create_graph=True``); it is then
+    recomputed with the torch composition, so double backward is exact. (Inside torch.func
+    transforms, which track higher orders themselves, the kernel always runs.)
+    """
+    normalized, weight, bias, stats = ctx.saved_tensors
+    need_x, need_res, need_w, need_b = ctx.needs_input_grad[:4]
+    need_w = bool(need_w and weight is not None)
+    need_b = bool(need_b and bias is not None)
+    if not ctx.has_residual:
+        dh = None
+    if dy is None:  # only h was used downstream: h = x + residual passes its gradient through
+        return (dh if need_x else None, dh if need_res else None, None, None)
+    if differentiable:
+        act, eps = ctx.act, ctx.eps
+        ref = lambda t, w, b: (_torch_ln(t, w, b, eps, act),)  # noqa: E731
+        dx, dw, db = differentiable_grads(ref, (normalized, weight, bias), (dy,))
+        if dx is None:
+            dx = torch.zeros_like(normalized)
+        if dh is not None:
+            dx = dx + dh
+    else:
+        dx, dw, db = bwd(dy, dh, normalized, weight, bias, stats, ctx.act, need_w, need_b)
+    return (dx if need_x else None, dx if (need_res and ctx.has_residual) else None,
+            dw if need_w else None, db if need_b else None)
+
+
+class _EagerLayerNorm(torch.autograd.Function):
+    """The eager fast path with a gradient: kernels called directly (a classic Function: its
+    ``apply`` costs a fraction of a setup_context-style Function's)."""
+
+    @staticmethod
+    def forward(ctx, x, residual, weight, bias, eps, act, backend):
+        y, h, stats = _FWD[backend](x, residual, weight, bias, eps, act)
+        _save(ctx, x, residual, weight, bias, eps, act, backend, h, stats)
+        return y, h
+
+    @staticmethod
+    def backward(ctx, dy, dh):
+        return (*_grads(ctx, dy, dh, _BWD[ctx.backend], torch.is_grad_enabled()), None, None, None)
+
+
+class _FunctorchLayerNorm(torch.autograd.Function):
+    """Inside torch.func transforms (grad, vjp, jacrev, vmap): the custom ops, whose vmap rules
+    the generated vmap rule of this Function uses."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x, residual, weight, bias, eps, act, backend):
+        return torch.ops.pydl.layer_norm_fwd(x, residual, weight, bias, eps, act, backend)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _setup_context(ctx, inputs, output)
+
+    @staticmethod
+    def backward(ctx, dy, dh, _dstats):
+        # No grad mode: the backward custom op is not differentiable, and under a grad
+        # transform its autograd stub must not see grad-tracking inputs.
+        with torch.no_grad():
+            return (*_grads(ctx, dy, dh, _bwd_op(ctx), False), None, None, None)
+
+
+# ---- custom ops (the traced path) ----------------------------------------------------------------
 
 @torch.library.custom_op("pydl::layer_norm_fwd", mutates_args=())
 def layer_norm_fwd(x: Tensor, residual: Optional[Tensor], weight: Optional[Tensor],
                    bias: Optional[Tensor], eps: float, activation: int,
-                   backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(y, h, mean, rstd): y, h of x's shape (h is empty without residual); mean, rstd (M,)."""
-    y, h, mean, rstd = _FWD[backend](_rows(x), _rows(residual), _vector(weight), _vector(bias), eps,
-                                     activation)
-    h = h.view(x.shape) if h is not None else x.new_empty(0)
-    return y.view(x.shape), h, mean, rstd
+                   backend: str) -> tuple[Tensor, Tensor, Tensor]:
+    """(y, h, stats): y, h of x's shape (h is empty without residual); stats (2, M) mean, rstd."""
+    y, h, stats = _kernel_table(_FWD, backend)(x, residual, _contiguous(weight), _contiguous(bias),
+                                               eps, activation)
+    return y, (h if h is not None else x.new_empty(0)), stats
 
 
 @layer_norm_fwd.register_fake
 def _(x, residual, weight, bias, eps, activation, backend):
-    m = x.numel() // x.shape[-1]
-    stats = x.new_empty(m, dtype=_stats_dtype(x.dtype))
-    h = torch.empty_like(x, memory_format=torch.contiguous_format) if residual is not None else x.new_empty(0)
-    return torch.empty_like(x, memory_format=torch.contiguous_format), h, stats, torch.empty_like(stats)
+    m = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    y = torch.empty_like(x, memory_format=torch.contiguous_format)
+    h = torch.empty_like(y) if residual is not None else x.new_empty(0)
+    return y, h, x.new_empty((2, m), dtype=_stats_dtype(x.dtype))
 
 
 @torch.library.custom_op("pydl::layer_norm_bwd", mutates_args=())
 def layer_norm_bwd(dy: Tensor, dh: Optional[Tensor], x: Tensor, weight: Optional[Tensor],
-                   bias: Optional[Tensor], mean: Tensor, rstd: Tensor, activation: int,
+                   bias: Optional[Tensor], stats: Tensor, activation: int,
                    need_weight_grad: bool, need_bias_grad: bool,
                    backend: str) -> tuple[Tensor, Tensor, Tensor]:
     """(dx, dweight, dbias); dweight/dbias are empty when not requested. x is the normalized input."""
-    dx, dw, db = _BWD[backend](_rows(dy), _rows(dh), _rows(x), _vector(weight), _vector(bias), mean,
-                               rstd, activation, need_weight_grad, need_bias_grad)
+    dx, dw, db = _kernel_table(_BWD, backend)(dy, dh, x, _contiguous(weight), _contiguous(bias), stats,
+                                              activation, need_weight_grad, need_bias_grad)
     # Distinct empty tensors: custom op outputs must not alias each other.
-    return dx.view(x.shape), (dw if dw is not None else x.new_empty(0)), (db if db is not None else x.new_empty(0))
+    return dx, (dw if dw is not None else x.new_empty(0)), (db if db is not None else x.new_empty(0))
 
 
 @layer_norm_bwd.register_fake
-def _(dy, dh, x, weight, bias, mean, rstd, activation, need_weight_grad, need_bias_grad, backend):
+def _(dy, dh, x, weight, bias, stats, activation, need_weight_grad, need_bias_grad, backend):
     n = x.shape[-1]
     dw = x.new_empty(n) if need_weight_grad else x.new_empty(0)
     db = x.new_empty(n) if need_bias_grad else x.new_empty(0)
     return torch.empty_like(x, memory_format=torch.contiguous_format), dw, db
 
 
+def _kernel_table(table: dict, backend: str):
+    fn = table.get(backend)
+    if fn is None:
+        raise ValueError(f"pydl::layer_norm: backend must be one of {', '.join(table)}, got {backend!r}")
+    return fn
+
+
 def _setup_context(ctx, inputs, output):
-    x, residual, weight, bias, _eps, activation, backend = inputs
-    _y, h, mean, rstd = output
-    ctx.has_residual = residual is not None
-    ctx.activation = activation
-    ctx.backend = backend
-    ctx.save_for_backward(h if ctx.has_residual else x, weight, bias, mean, rstd)
+    x, residual, weight, bias, eps, act, backend = inputs
+    _y, h, stats = output
+    _save(ctx, x, residual, weight, bias, eps, act, backend, h, stats)
 
 
-def _backward(ctx, dy, dh, _dmean, _drstd):
-    normalized, weight, bias, mean, rstd = ctx.saved_tensors
-    need_x, need_res, need_w, need_b = ctx.needs_input_grad[:4]
-    if dy is None:  # only h was used downstream
-        dy = torch.zeros_like(normalized)
-    if not ctx.has_residual:
-        dh = None
-    dx, dw, db = torch.ops.pydl.layer_norm_bwd(
-        dy, dh, normalized, weight, bias, mean, rstd, ctx.activation,
-        bool(need_w and weight is not None), bool(need_b and bias is not None), ctx.backend)
-    return (dx if need_x else None, dx if (need_res and ctx.has_residual) else None,
-            dw if need_w and weight is not None else None, db if need_b and bias is not None else None,
-            None, None, None)
+def _bwd_op(ctx):
+    def bwd(dy, dh, x, weight, bias, stats, act, need_w, need_b):
+        return torch.ops.pydl.layer_norm_bwd(dy, dh, x, weight, bias, stats, act, need_w, need_b,
+                                             ctx.backend)
+    return bwd
+
+
+def _backward(ctx, dy, dh, _dstats):
+    return (*_grads(ctx, dy, dh, _bwd_op(ctx), torch.is_grad_enabled()), None, None, None)
 
 
 layer_norm_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+@torch.library.register_vmap("pydl::layer_norm_fwd")
+def _(info, in_dims, x, residual, weight, bias, eps, activation, backend):
+    x_dim, r_dim, w_dim, b_dim = in_dims[:4]
+    if w_dim is None and b_dim is None and x_dim is not None:
+        # Row-wise op with shared parameters: the vmapped dim is one more leading dim.
+        x = x.movedim(x_dim, 0)
+        if residual is not None:
+            residual = residual.movedim(r_dim, 0) if r_dim is not None else residual.expand_as(x)
+        y, h, stats = layer_norm_fwd(x, residual, weight, bias, eps, activation, backend)
+        b = info.batch_size
+        h = h if residual is not None else h.new_empty((b, 0))
+        return (y, h, stats.view(2, b, -1)), (0, 0, 1)
+    return vmap_by_loop(layer_norm_fwd, info, in_dims, x, residual, weight, bias, eps, activation,
+                        backend)
+
+
+@torch.library.register_vmap("pydl::layer_norm_bwd")
+def _(info, in_dims, *args):
+    return vmap_by_loop(layer_norm_bwd, info, in_dims, *args)

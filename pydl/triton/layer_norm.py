@@ -54,6 +54,28 @@ _GELU_C = tl.constexpr(0.044715)
 
 
 # ---------------------------------------------------------------------------------------
+# loops with runtime bounds: `for i in _range(start, stop, step)`
+# ---------------------------------------------------------------------------------------
+# Compiled, `_range` is `tl.range`, which the code generator lowers exactly like the builtin
+# `range` (one scf.for over the same bounds; no pipelining/unrolling hints), so the kernels'
+# code is unchanged.  Under the Triton interpreter it is a Python `range` over the bounds'
+# integer values: Triton 3.6's interpreter turns a scalar bound into an int with `int()` of
+# its shape-(1,) NumPy array, which NumPy >= 2.4 refuses ("only 0-dimensional arrays can be
+# converted to Python scalars"; fixed in Triton 3.7).  `@triton.jit` picks interpreter or
+# compiler from the same knob when the kernels below are defined.
+def _interpreter_int(v) -> int:
+    handle = getattr(v, "handle", None)  # an interpreted tl.tensor: a 1-element NumPy array
+    return int(handle.data.item()) if handle is not None else int(v)
+
+
+def _interpreter_range(start, stop, step=1):
+    return range(_interpreter_int(start), _interpreter_int(stop), _interpreter_int(step))
+
+
+_range = _interpreter_range if triton.knobs.runtime.interpret else tl.range
+
+
+# ---------------------------------------------------------------------------------------
 # activation helpers (z is in the accumulation dtype)
 # ---------------------------------------------------------------------------------------
 @triton.jit
@@ -176,7 +198,7 @@ def _ln_fwd_stats_chunked_kernel(
     cnt = zero
     mean = zero
     m2 = zero
-    for start in range(0, N, BLOCK_N):
+    for start in _range(0, N, BLOCK_N):
         c = start + cols
         cm = c < N
         x = tl.load(X + row64 * stride_x + c, mask=cm, other=0.0)
@@ -250,7 +272,7 @@ def _ln_bwd_fused_kernel(
     dw_acc = tl.zeros([BLOCK_N], dtype=acc_ty)
     db_acc = tl.zeros([BLOCK_N], dtype=acc_ty)
     num_blocks = tl.cdiv(M, BLOCK_M)
-    for blk in range(pid, num_blocks, nprog):
+    for blk in _range(pid, num_blocks, nprog):
         rows = blk * BLOCK_M + tl.arange(0, BLOCK_M)  # (BLOCK_M,)
         rmask = rows < M
         mask = rmask[:, None] & cmask[None, :]
@@ -305,7 +327,7 @@ def _ln_bwd_rowsums_chunked_kernel(
     rstd = tl.load(RSTD + row)
     s1 = tl.zeros([BLOCK_N], dtype=acc_ty)
     s2 = tl.zeros([BLOCK_N], dtype=acc_ty)
-    for start in range(0, N, BLOCK_N):
+    for start in _range(0, N, BLOCK_N):
         c = start + cols
         cm = c < N
         x = tl.load(X + row64 * stride_x + c, mask=cm, other=0.0).to(acc_ty)
@@ -353,7 +375,7 @@ def _ln_bwd_apply_chunked_kernel(
     dw_acc = tl.zeros([BLOCK_N], dtype=acc_ty)
     db_acc = tl.zeros([BLOCK_N], dtype=acc_ty)
     # int64 induction variable (row * stride may exceed 2^31); a plain int in the interpreter
-    for row64 in range(pid.to(tl.int64), M, nprog.to(tl.int64)):
+    for row64 in _range(pid.to(tl.int64), M, nprog.to(tl.int64)):
         mean = tl.load(MEAN + row64)
         rstd = tl.load(RSTD + row64)
         c1 = tl.load(C1 + row64)
@@ -408,6 +430,42 @@ def _row_block(block_n: int, M: int) -> int:
     return max(1, min(_ROWS_TILE // block_n, triton.next_power_of_2(max(M, 1))))
 
 
+# Launch configurations (also enumerated by scripts/check_triton_compile.py, which compiles
+# every one of them for sm_90).  `sm`: the GPU's SM count, None under the interpreter.
+def _fwd_tile_config(M: int, N: int, sm):
+    """(BLOCK_M, BLOCK_N, num_warps) of the single-tile forward, or None for the chunked path."""
+    block_n = triton.next_power_of_2(N)
+    if block_n > FWD_MAX_TILE:
+        return None
+    block_m = _row_block(block_n, M)
+    if sm is not None:  # keep at least ~2 waves of programs when M allows
+        while block_m > 1 and triton.cdiv(M, block_m) < 2 * sm:
+            block_m //= 2
+    return block_m, block_n, _num_warps(block_m * block_n, 512)
+
+
+def _fwd_chunk_config():
+    """(BLOCK_N, num_warps) of both chunked forward kernels."""
+    chunk = min(CHUNK_N, FWD_MAX_TILE)
+    return chunk, _num_warps(chunk, 512)
+
+
+def _bwd_tile_config(M: int, N: int):
+    """(BLOCK_M, BLOCK_N, num_warps) of the single-tile backward, or None for the chunked path."""
+    block_n = triton.next_power_of_2(N)
+    if block_n > BWD_MAX_TILE:
+        return None
+    block_m = _row_block(block_n, M)
+    return block_m, block_n, _num_warps(block_m * block_n, 256)
+
+
+def _bwd_chunk_config():
+    """(BLOCK_N, num_warps) of both chunked backward kernels (4096 -> 16 warps, ~90 regs: one
+    CTA per SM)."""
+    chunk = min(CHUNK_N, BWD_MAX_TILE)
+    return chunk, _num_warps(chunk, 256)
+
+
 def _device_ctx(t: torch.Tensor):
     return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
@@ -447,9 +505,9 @@ def layer_norm_fwd(x, residual, weight, bias, eps: float, activation: int):
 
     x: (M, N), unit last stride, any row stride; residual: same shape or None (own row stride);
     weight/bias: (N,) contiguous or None; activation: 0 none, 1 gelu (erf), 2 gelu (tanh).
-    Returns (y, h, mean, rstd): y (M, N) contiguous x.dtype; h = x + residual rounded to
-    x.dtype, contiguous (None without residual); mean, rstd (M,) float32 (float64 for float64
-    x), rstd = 1/sqrt(biased var + eps).
+    Returns (y, h, stats): y (M, N) contiguous x.dtype; h = x + residual rounded to
+    x.dtype, contiguous (None without residual); stats (2, M) float32 (float64 for float64
+    x): row 0 the mean, row 1 rstd = 1/sqrt(biased var + eps).
     """
     if x.dim() != 2:
         raise ValueError(f"x: expected a 2-D (M, N) tensor, got shape {tuple(x.shape)}")
@@ -468,10 +526,10 @@ def layer_norm_fwd(x, residual, weight, bias, eps: float, activation: int):
     acc = _acc_dtype(x.dtype)
     y = torch.empty((M, N), dtype=x.dtype, device=dev)
     h = torch.empty((M, N), dtype=x.dtype, device=dev) if residual is not None else None
-    mean = torch.empty((M,), dtype=acc, device=dev)
-    rstd = torch.empty((M,), dtype=acc, device=dev)
+    stats = torch.empty((2, M), dtype=acc, device=dev)
+    mean, rstd = stats[0], stats[1]
     if M == 0:
-        return y, h, mean, rstd
+        return y, h, stats
 
     has_res = residual is not None
     r = residual if has_res else x
@@ -480,24 +538,19 @@ def layer_norm_fwd(x, residual, weight, bias, eps: float, activation: int):
     b = bias if bias is not None else x
     sx, sr = _row_stride(x), _row_stride(r)
     soft_rne = not x.is_cuda  # Triton interpreter: its fp32->bf16 cast truncates
-    block_n = triton.next_power_of_2(N)
+    tile = _fwd_tile_config(M, N, _sm_count(x))
     with _device_ctx(x):
-        if block_n <= FWD_MAX_TILE:
-            block_m = _row_block(block_n, M)
-            sm = _sm_count(x)
-            if sm is not None:  # keep at least ~2 waves of programs when M allows
-                while block_m > 1 and triton.cdiv(M, block_m) < 2 * sm:
-                    block_m //= 2
+        if tile is not None:
+            block_m, block_n, nw = tile
             grid = (triton.cdiv(M, block_m),)
             _ln_fwd_fused_kernel[grid](
                 x, r, hh, y, w, b, mean, rstd, sx, sr, M, N, float(eps),
                 HAS_RES=has_res, HAS_W=weight is not None, HAS_B=bias is not None,
                 ACT=activation, BLOCK_M=block_m, BLOCK_N=block_n, SOFT_RNE=soft_rne,
-                num_warps=_num_warps(block_m * block_n, 512),
+                num_warps=nw,
             )
         else:
-            chunk = min(CHUNK_N, FWD_MAX_TILE)
-            nw = _num_warps(chunk, 512)
+            chunk, nw = _fwd_chunk_config()
             _ln_fwd_stats_chunked_kernel[(M,)](
                 x, r, hh, mean, rstd, sx, sr, N, float(eps),
                 HAS_RES=has_res, BLOCK_N=chunk, SOFT_RNE=soft_rne, num_warps=nw,
@@ -508,7 +561,7 @@ def layer_norm_fwd(x, residual, weight, bias, eps: float, activation: int):
                 HAS_W=weight is not None, HAS_B=bias is not None, ACT=activation,
                 BLOCK_N=chunk, SOFT_RNE=soft_rne, num_warps=nw,
             )
-    return y, h, mean, rstd
+    return y, h, stats
 
 
 def layer_norm_bwd(dy, dh, x, weight, bias, mean, rstd, activation: int,
@@ -559,11 +612,10 @@ def layer_norm_bwd(dy, dh, x, weight, bias, mean, rstd, activation: int,
     sm = _sm_count(x)
     flags = dict(HAS_DH=has_dh, HAS_W=weight is not None, HAS_B=bias is not None,
                  ACT=activation, STORE_DW=store_dw, STORE_DB=store_db, SOFT_RNE=not x.is_cuda)
-    block_n = triton.next_power_of_2(N)
+    tile = _bwd_tile_config(M, N)
     with _device_ctx(x):
-        if block_n <= BWD_MAX_TILE:
-            block_m = _row_block(block_n, M)
-            nw = _num_warps(block_m * block_n, 256)
+        if tile is not None:
+            block_m, block_n, nw = tile
             num_blocks = triton.cdiv(M, block_m)
             if sm is None:
                 progs = _CPU_PROGRAMS
@@ -577,8 +629,7 @@ def layer_norm_bwd(dy, dh, x, weight, bias, mean, rstd, activation: int,
                 BLOCK_M=block_m, BLOCK_N=block_n, num_warps=nw, **flags,
             )
         else:
-            chunk = min(CHUNK_N, BWD_MAX_TILE)
-            nw = _num_warps(chunk, 256)  # 4096 -> 16 warps, ~90 regs: one CTA per SM
+            chunk, nw = _bwd_chunk_config()
             n_chunks = triton.cdiv(N, chunk)
             c1 = torch.empty((M,), dtype=acc, device=dev)
             c2 = torch.empty((M,), dtype=acc, device=dev)

@@ -253,6 +253,24 @@ int main(int argc, char** argv) {
       test_fwd<float>(300, 3, true, true, true, 2, 1, 0);               // scalar, tpr 1
     }
   }
+  if (which == "fwd" || which == "all" || quick) {
+    // add_layer_norm on the long-row kernel (ln_fwd_uncached), whose pass 2 re-reads h written by
+    // its pass 1: the vector path (N > 32768) and the scalar path (N > 8192: odd N, misaligned
+    // rows); M = 5 > the emulated grid (4 blocks) walks the row loop.
+    test_fwd<float>(5, 32776, true, true, true, 1, 0, 0);
+    test_fwd<__nv_bfloat16>(2, 32776, true, true, true, 2, 0, 0);
+    test_fwd<__half>(2, 32776, true, false, true, 0, 0, 0);
+    test_fwd<float>(2, 8193, true, true, true, 2, 0, 0);
+    test_fwd<__nv_bfloat16>(5, 8193, true, true, false, 1, 3, 0);
+    test_fwd<__half>(2, 9000, true, true, true, 0, 0, 1);  // even N, misaligned: scalar
+  }
+  if (which == "fwd" || which == "bwd" || which == "all" || quick) {
+    // Rows longer than 65536 (no size limit): the vector path (N % 8 == 0) and the scalar path.
+    test_fwd<__nv_bfloat16>(2, 65544, true, true, true, 1, 0, 0);
+    test_fwd<float>(2, 70001, true, true, true, 0, 0, 0);
+    test_bwd<__nv_bfloat16>(2, 65544, true, true, true, true, true, 1, 0, 0);
+    test_bwd<float>(3, 70001, true, true, true, true, true, 0, 0, 0);
+  }
   if (which == "fwd" || which == "all" || quick) {  // constant rows must normalize to exactly 0
     g_x_mean = 1000.1f;
     g_x_sd = 0.0f;

@@ -7,6 +7,7 @@ state_dict and give torch's output and gradients (multi-dim normalized_shape inc
 from __future__ import annotations
 
 import copy
+import os
 import importlib
 import inspect
 import pickle
@@ -238,3 +239,85 @@ def test_module_under_torch_compile_fullgraph():
     gg = torch.autograd.grad(compiled(x), list(model.parameters()), g)
     for a, b in zip(gg, gw):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def _autocast_case(device_type, dtype):
+    """(pydl module, torch module, pydl functional) outputs under bf16 autocast; x and the
+    parameters in ``dtype``."""
+    torch.manual_seed(0)
+    x = torch.randn(4, 8, dtype=dtype, device=device_type)
+    theirs = torch.nn.LayerNorm(8, device=device_type, dtype=dtype)
+    ours = pydl.nn.LayerNorm(8, device=device_type, dtype=dtype)
+    ours.load_state_dict(theirs.state_dict())
+    with torch.autocast(device_type, dtype=torch.bfloat16):
+        return ours(x), theirs(x), pydl.ops.layer_norm(x, theirs.weight, theirs.bias)
+
+
+@pytest.mark.parametrize("dtype", [FP32, BF16], ids=["fp32", "bf16"])
+def test_cpu_autocast_output_dtype_is_torchs(dtype):
+    """CPU autocast leaves layer_norm alone: the output keeps the input's dtype, as torch's."""
+    got, want, functional = _autocast_case("cpu", dtype)
+    assert got.dtype == want.dtype == functional.dtype == dtype
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(functional, want)
+
+
+@pytest.mark.cuda
+def test_cuda_autocast_output_dtype_is_torchs():
+    """CUDA autocast runs layer_norm in float32 (its float32 list): float32 output, as torch's."""
+    for dtype in (FP32, BF16):
+        got, want, functional = _autocast_case("cuda", dtype)
+        assert got.dtype == want.dtype == functional.dtype == torch.float32
+        torch.testing.assert_close(got, want)
+
+
+def test_pydl_info_reports_a_bad_backend_variable():
+    import subprocess
+    import sys
+
+    env = dict(os.environ, PYDL_BACKEND="nonsense")
+    out = subprocess.run([sys.executable, "-m", "pydl", "info"], env=env, capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "PYDL_BACKEND='nonsense'" in out.stdout
+
+
+def _timm_layer_norm_2d(x, weight, bias, eps):
+    """What timm.layers.LayerNorm2d computes: LayerNorm over C through an NHWC view."""
+    return F.layer_norm(x.permute(0, 2, 3, 1), (x.shape[1],), weight, bias, eps).permute(0, 3, 1, 2)
+
+
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last],
+                         ids=["nchw", "channels_last"])
+@pytest.mark.parametrize("shape", [(2, 7, 5, 3), (1, 96, 4, 4), (3, 1, 2, 2)], ids=str)
+def test_layer_norm_2d_is_timms(shape, memory_format):
+    torch.manual_seed(1)
+    m = pydl.nn.LayerNorm2d(shape[1])
+    assert list(m.state_dict()) == ["weight", "bias"] and m.eps == 1e-6
+    with torch.no_grad():
+        m.weight.normal_()
+        m.bias.normal_()
+    x = torch.randn(shape).to(memory_format=memory_format).requires_grad_()
+    y = m(x)
+    xr = x.detach().double().requires_grad_()
+    wr, br = (p.detach().double().requires_grad_() for p in (m.weight, m.bias))
+    want = _timm_layer_norm_2d(xr, wr, br, m.eps)
+    assert y.shape == want.shape
+    cl = torch.channels_last
+    assert y.is_contiguous(memory_format=cl) == want.is_contiguous(memory_format=cl)  # timm's layout
+    torch.testing.assert_close(y, want.float())
+    g = torch.randn_like(y)
+    got = torch.autograd.grad(y, (x, m.weight, m.bias), g)
+    ref = torch.autograd.grad(want, (xr, wr, br), g.double())
+    for a, b in zip(got, ref):  # float64 reference: rstd = 1/sqrt(eps) amplifies rounding at C = 1
+        torch.testing.assert_close(a, b.float(), atol=1e-4, rtol=1e-4)
+
+
+def test_layer_norm_2d_constructor_and_errors():
+    m = pydl.nn.LayerNorm2d(8, eps=1e-5, affine=False, dtype=torch.float64)
+    assert m.weight is None and m.bias is None and m.eps == 1e-5
+    x = torch.randn(2, 8, 3, 3, dtype=torch.float64)
+    torch.testing.assert_close(m(x), _timm_layer_norm_2d(x, None, None, 1e-5))
+    for bad in (torch.randn(2, 7, 3, 3, dtype=torch.float64), torch.randn(8, 3, 3, dtype=torch.float64)):
+        with pytest.raises(ValueError, match="LayerNorm2d"):
+            m(bad)

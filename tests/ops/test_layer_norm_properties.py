@@ -18,8 +18,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pydl import ops
-from tests.ops.test_layer_norm import (ADD_LN, LAYOUTS, LN, VARIANTS, Case, _copy_case, _grads, check_op,
-                                       ln_mod, make_case, run_pydl)
+from tests.ops.layer_norm_cases import (ADD_LN, LN, VARIANTS, Case, _copy_case, _grads, check_op, ln_mod,
+                                        make_case, run_pydl)
+from tests.utils.inputs import LAYOUTS
 from tests.tolerances import assert_close_to_ref
 
 FP32, BF16, FP16, FP64 = torch.float32, torch.bfloat16, torch.float16, torch.float64

@@ -6,7 +6,8 @@
 //   x, residual, dy, dh : (M, N), unit stride along N, any row stride >= N
 //   y, h, dx            : (M, N), contiguous outputs
 //   weight, bias, dweight, dbias : (N,), contiguous, same dtype as x
-//   mean, rstd          : (M,), float32 (float64 when x is float64), contiguous
+//   mean, rstd          : (M,), float32 (float64 when x is float64), contiguous; optional
+//                         outputs of the forward (absent: not written), inputs of the backward
 #pragma once
 
 #include <cstdint>
@@ -29,8 +30,8 @@ struct LayerNormFwdArgs {
   TensorView bias;      // optional (N,)
   TensorView y;         // out (M, N)
   TensorView h;         // out (M, N), required iff residual is given: x + residual, rounded to dtype
-  TensorView mean;      // out (M,)
-  TensorView rstd;      // out (M,)  1 / sqrt(var + eps), biased variance
+  TensorView mean;      // optional out (M,): the backward's statistics (inference skips them)
+  TensorView rstd;      // optional out (M,)  1 / sqrt(var + eps), biased variance; with mean
   double eps = 1e-5;
   Activation act = Activation::kNone;
 };

@@ -44,4 +44,12 @@ struct TensorView {
 TensorView make_view(uintptr_t data, int32_t dtype_code, const std::vector<int64_t>& sizes,
                      const std::vector<int64_t>& strides);
 
+// The compact forms the row-wise bindings use: (rows, cols) with unit column stride and
+// `row_stride` between rows, or a contiguous (n,) vector. `data == 0` means "absent" (an
+// undefined view, what Python's None is for an optional argument); the callers never pass
+// zero-element tensors. Throws std::invalid_argument on a bad dtype code or negative size.
+TensorView matrix_view(uintptr_t data, int32_t dtype_code, int64_t rows, int64_t cols,
+                       int64_t row_stride);
+TensorView vector_view(uintptr_t data, int32_t dtype_code, int64_t n);
+
 }  // namespace pydl
