@@ -32,7 +32,7 @@ int32_t stats_dtype(int32_t dtype) {
 pydl::LayerNormFwdArgs fwd_args(int64_t M, int64_t N, int32_t dtype, uintptr_t x, int64_t x_ld,
                                 uintptr_t residual, int64_t residual_ld, int32_t param_dtype,
                                 uintptr_t weight, uintptr_t bias, uintptr_t y, uintptr_t h,
-                                uintptr_t mean, uintptr_t rstd, double eps, int act) {
+                                uintptr_t mean, uintptr_t rstd, double eps, int act, int norm) {
   pydl::LayerNormFwdArgs a;
   a.x = matrix_view(x, dtype, M, N, x_ld);
   a.residual = matrix_view(residual, dtype, M, N, residual_ld);
@@ -44,6 +44,7 @@ pydl::LayerNormFwdArgs fwd_args(int64_t M, int64_t N, int32_t dtype, uintptr_t x
   a.rstd = vector_view(rstd, stats_dtype(dtype), M);
   a.eps = eps;
   a.act = static_cast<pydl::Activation>(act);
+  a.norm = static_cast<pydl::Norm>(norm);
   return a;
 }
 
@@ -51,7 +52,7 @@ pydl::LayerNormBwdArgs bwd_args(int64_t M, int64_t N, int32_t dtype, uintptr_t d
                                 uintptr_t dh, int64_t dh_ld, uintptr_t x, int64_t x_ld,
                                 int32_t param_dtype, uintptr_t weight, uintptr_t bias,
                                 uintptr_t mean, uintptr_t rstd, uintptr_t dx, uintptr_t dweight,
-                                uintptr_t dbias, int act) {
+                                uintptr_t dbias, int act, int norm) {
   pydl::LayerNormBwdArgs a;
   a.dy = matrix_view(dy, dtype, M, N, dy_ld);
   a.dh = matrix_view(dh, dtype, M, N, dh_ld);
@@ -64,6 +65,7 @@ pydl::LayerNormBwdArgs bwd_args(int64_t M, int64_t N, int32_t dtype, uintptr_t d
   a.dweight = vector_view(dweight, param_dtype, N);
   a.dbias = vector_view(dbias, param_dtype, N);
   a.act = static_cast<pydl::Activation>(act);
+  a.norm = static_cast<pydl::Norm>(norm);
   return a;
 }
 
@@ -96,20 +98,21 @@ PYBIND11_MODULE(_C, m) {
 #define PYDL_LN_FWD_ARGS                                                                       \
   int64_t M, int64_t N, int32_t dtype, uintptr_t x, int64_t x_ld, uintptr_t residual,          \
       int64_t residual_ld, int32_t param_dtype, uintptr_t weight, uintptr_t bias, uintptr_t y,  \
-      uintptr_t h, uintptr_t mean, uintptr_t rstd, double eps, int act
-#define PYDL_LN_FWD_PASS M, N, dtype, x, x_ld, residual, residual_ld, param_dtype, weight, bias, y, h, mean, rstd, eps, act
+      uintptr_t h, uintptr_t mean, uintptr_t rstd, double eps, int act, int norm
+#define PYDL_LN_FWD_PASS M, N, dtype, x, x_ld, residual, residual_ld, param_dtype, weight, bias, y, h, mean, rstd, eps, act, norm
 #define PYDL_LN_FWD_NAMES                                                                      \
   "M"_a, "N"_a, "dtype"_a, "x"_a, "x_ld"_a, "residual"_a, "residual_ld"_a, "param_dtype"_a,     \
-      "weight"_a, "bias"_a, "y"_a, "h"_a, "mean"_a, "rstd"_a, "eps"_a, "act"_a
+      "weight"_a, "bias"_a, "y"_a, "h"_a, "mean"_a, "rstd"_a, "eps"_a, "act"_a, "norm"_a
 #define PYDL_LN_BWD_ARGS                                                                       \
   int64_t M, int64_t N, int32_t dtype, uintptr_t dy, int64_t dy_ld, uintptr_t dh, int64_t dh_ld, \
       uintptr_t x, int64_t x_ld, int32_t param_dtype, uintptr_t weight, uintptr_t bias,         \
-      uintptr_t mean, uintptr_t rstd, uintptr_t dx, uintptr_t dweight, uintptr_t dbias, int act
-#define PYDL_LN_BWD_PASS M, N, dtype, dy, dy_ld, dh, dh_ld, x, x_ld, param_dtype, weight, bias, mean, rstd, dx, dweight, dbias, act
+      uintptr_t mean, uintptr_t rstd, uintptr_t dx, uintptr_t dweight, uintptr_t dbias, int act, \
+      int norm
+#define PYDL_LN_BWD_PASS M, N, dtype, dy, dy_ld, dh, dh_ld, x, x_ld, param_dtype, weight, bias, mean, rstd, dx, dweight, dbias, act, norm
 #define PYDL_LN_BWD_NAMES                                                                      \
   "M"_a, "N"_a, "dtype"_a, "dy"_a, "dy_ld"_a, "dh"_a, "dh_ld"_a, "x"_a, "x_ld"_a,               \
       "param_dtype"_a, "weight"_a, "bias"_a, "mean"_a, "rstd"_a, "dx"_a, "dweight"_a, "dbias"_a, \
-      "act"_a
+      "act"_a, "norm"_a
 
   m.def(
       "layer_norm_fwd_cpu",

@@ -33,6 +33,13 @@ void check_activation(Activation act, const char* op) {
   PYDL_CHECK(code >= 0 && code <= 2, op, ": unknown activation code ", code);
 }
 
+void check_norm(Norm norm, const TensorView& bias, const char* op) {
+  auto code = static_cast<int32_t>(norm);
+  PYDL_CHECK(code == 0 || code == 1, op, ": unknown norm code ", code,
+             " (0 layer_norm, 1 rms_norm)");
+  PYDL_CHECK(norm != Norm::kRms || !bias.defined, op, ": rms_norm has no bias");
+}
+
 }  // namespace
 
 void validate_layer_norm_fwd(const LayerNormFwdArgs& a, const char* op) {
@@ -42,6 +49,7 @@ void validate_layer_norm_fwd(const LayerNormFwdArgs& a, const char* op) {
   PYDL_CHECK(N >= 1, op, ": the normalized dim must be non-empty");
   PYDL_CHECK(a.eps >= 0.0, op, ": eps must be >= 0, got ", a.eps);
   check_activation(a.act, op);
+  check_norm(a.norm, a.bias, op);
   if (a.residual.defined) {
     check_matrix_input(a.residual, a.x, op, "residual", "x");
     check_matrix_output(a.h, a.x, op, "h", "x");
@@ -64,6 +72,7 @@ void validate_layer_norm_bwd(const LayerNormBwdArgs& a, const char* op) {
   const int64_t M = a.x.sizes[0], N = a.x.sizes[1];
   PYDL_CHECK(N >= 1, op, ": the normalized dim must be non-empty");
   check_activation(a.act, op);
+  check_norm(a.norm, a.bias, op);
   check_matrix_input(a.dy, a.x, op, "dy", "x");
   if (a.dh.defined) check_matrix_input(a.dh, a.x, op, "dh", "x");
   if (a.weight.defined) check_vector(a.weight, N, a.x.dtype, op, "weight");

@@ -6,14 +6,14 @@ register spills and shared-memory overflows only show up here. Each kernel is co
 ``triton.compile`` for ``GPUTarget("cuda", 90, 32)`` (ptxas ships with Triton) in the launch
 configurations its launcher picks (BLOCK_M, BLOCK_N, num_warps come from the launcher's own
 ``_*_config`` functions, enumerated over M and N), for float32 / float16 / bfloat16 and the
-has-residual / weight / bias / activation / gradient constexprs, with 16-byte-aligned and
+has-residual / weight / bias / activation / gradient / RMS (RMSNorm) constexprs, with 16-byte-aligned and
 unaligned pointers and sizes. For each configuration it prints registers and spill bytes (from
 Triton's own ``ptxas -v`` run, in a private empty cache) and shared memory.
 
 Configuration sets:
   default  every launch shape with the heaviest flags, plus a pairwise cover of the flags,
            dtypes and alignment (every pair of values appears together at least once);
-           ~125 compiles per Triton version.
+           ~140 compiles per Triton version.
   --all    the full product (thousands of compiles: for a build machine, with -j).
 
 Exit status 1 when a compile fails, shared memory exceeds sm_90's 227 KB, registers x threads
@@ -113,24 +113,30 @@ def _kernel_specs(ln):
     def tile_shapes(tiles):
         return [(dict(BLOCK_M=m, BLOCK_N=n), nw) for m, n, nw in tiles]
 
+    # Heaviest flags: LayerNorm with each GELU, and RMSNorm (no bias) with the tanh GELU.
     return [
         ("_ln_fwd_fused_kernel", tile_shapes(fwd_tiles),
-         dict(HAS_RES=BOOL, HAS_W=BOOL, HAS_B=BOOL, ACT=ACTS),
-         [dict(HAS_RES=True, HAS_W=True, HAS_B=True, ACT=a) for a in (1, 2)]),
+         dict(HAS_RES=BOOL, HAS_W=BOOL, HAS_B=BOOL, ACT=ACTS, RMS=BOOL),
+         [dict(HAS_RES=True, HAS_W=True, HAS_B=True, ACT=a, RMS=False) for a in (1, 2)]
+         + [dict(HAS_RES=True, HAS_W=True, HAS_B=False, ACT=2, RMS=True)]),
         ("_ln_fwd_stats_chunked_kernel", [(dict(BLOCK_N=fchunk), fnw)],
-         dict(HAS_RES=BOOL), [dict(HAS_RES=True)]),
+         dict(HAS_RES=BOOL, RMS=BOOL), [dict(HAS_RES=True, RMS=r) for r in BOOL]),
         ("_ln_fwd_apply_chunked_kernel", [(dict(BLOCK_N=fchunk), fnw)],
-         dict(HAS_W=BOOL, HAS_B=BOOL, ACT=ACTS),
-         [dict(HAS_W=True, HAS_B=True, ACT=a) for a in (1, 2)]),
+         dict(HAS_W=BOOL, HAS_B=BOOL, ACT=ACTS, RMS=BOOL),
+         [dict(HAS_W=True, HAS_B=True, ACT=a, RMS=False) for a in (1, 2)]
+         + [dict(HAS_W=True, HAS_B=False, ACT=2, RMS=True)]),
         ("_ln_bwd_fused_kernel", tile_shapes(bwd_tiles),
-         dict(HAS_DH=BOOL, WGRAD=wb3, BGRAD=wb3, ACT=ACTS),
-         [dict(HAS_DH=True, WGRAD=(True, True), BGRAD=(True, True), ACT=a) for a in (1, 2)]),
+         dict(HAS_DH=BOOL, WGRAD=wb3, BGRAD=wb3, ACT=ACTS, RMS=BOOL),
+         [dict(HAS_DH=True, WGRAD=(True, True), BGRAD=(True, True), ACT=a, RMS=False) for a in (1, 2)]
+         + [dict(HAS_DH=True, WGRAD=(True, True), BGRAD=(False, False), ACT=2, RMS=True)]),
         ("_ln_bwd_rowsums_chunked_kernel", [(dict(BLOCK_N=bchunk), bnw)],
-         dict(HAS_W=BOOL, HAS_B=BOOL, ACT=ACTS),
-         [dict(HAS_W=True, HAS_B=True, ACT=a) for a in (1, 2)]),
+         dict(HAS_W=BOOL, HAS_B=BOOL, ACT=ACTS, RMS=BOOL),
+         [dict(HAS_W=True, HAS_B=True, ACT=a, RMS=False) for a in (1, 2)]
+         + [dict(HAS_W=True, HAS_B=False, ACT=2, RMS=True)]),
         ("_ln_bwd_apply_chunked_kernel", [(dict(BLOCK_N=bchunk), bnw)],
-         dict(HAS_DH=BOOL, WGRAD=wb3, BGRAD=wb3, ACT=ACTS),
-         [dict(HAS_DH=True, WGRAD=(True, True), BGRAD=(True, True), ACT=a) for a in (1, 2)]),
+         dict(HAS_DH=BOOL, WGRAD=wb3, BGRAD=wb3, ACT=ACTS, RMS=BOOL),
+         [dict(HAS_DH=True, WGRAD=(True, True), BGRAD=(True, True), ACT=a, RMS=False) for a in (1, 2)]
+         + [dict(HAS_DH=True, WGRAD=(True, True), BGRAD=(False, False), ACT=2, RMS=True)]),
     ]
 
 
@@ -140,6 +146,10 @@ def _expand_flags(flags: dict) -> dict:
         out["HAS_W"], out["STORE_DW"] = out.pop("WGRAD")
     if "BGRAD" in out:
         out["HAS_B"], out["STORE_DB"] = out.pop("BGRAD")
+    if out.get("RMS"):  # RMSNorm has no bias: the launchers never combine them
+        out["HAS_B"] = False
+        if "STORE_DB" in out:
+            out["STORE_DB"] = False
     return out
 
 
@@ -245,7 +255,7 @@ def compile_one(cfg, dump_dir=None):
 
 
 _ABBREV = {"HAS_RES": "res", "HAS_DH": "dh", "HAS_W": "w", "HAS_B": "b", "ACT": "act",
-           "STORE_DW": "dw", "STORE_DB": "db", "BLOCK_M": "bm", "BLOCK_N": "bn"}
+           "STORE_DW": "dw", "STORE_DB": "db", "BLOCK_M": "bm", "BLOCK_N": "bn", "RMS": "rms"}
 
 
 def config_id(cfg) -> str:

@@ -4,7 +4,8 @@ of csrc/cuda/layer_norm.cu, on small shapes, each result checked against a float
     compute-sanitizer --tool memcheck --error-exitcode 99 python scripts/sanitize_layer_norm.py
     python scripts/sanitize_layer_norm.py --coverage        # no sanitizer: which kernels really ran
 
-What csrc/cuda/layer_norm.cu launches (VEC = 16 bytes / element: 4 for fp32, 8 for fp16 / bf16,
+What csrc/cuda/layer_norm.cu launches (each kernel's last template argument RMS: LayerNorm or
+RMSNorm, the rms_norm / add_rms_norm cases; VEC = 16 bytes / element: 4 for fp32, 8 for fp16 / bf16,
 when N % VEC == 0 and every pointer / row stride allows 16-byte accesses; else VEC = 1, "scalar"):
   ln_fwd_cached<T, VEC, ITEMS>   forward, N <= 32768 (vector; E = ITEMS * VEC in 8, 16, 24, 32,
                                  chosen by N) or N <= 8192 (scalar, ITEMS 8); inference (no
@@ -64,6 +65,12 @@ TOL = {torch.float32: (1e-4, 1e-6), torch.float16: (5e-3, 1e-3), torch.bfloat16:
 WITH_RES = (("add_layer_norm", None), ("add_layer_norm", "gelu"), ("add_layer_norm", "gelu_tanh"))
 NO_RES = (("layer_norm", None), ("layer_norm_gelu", "gelu"), ("layer_norm_gelu", "gelu_tanh"))
 AFFINE = ((True, True), (True, False), (False, True), (False, False))  # (weight, bias)
+RES_OPS = ("add_layer_norm", "add_rms_norm")
+RMS_OPS = ("rms_norm", "add_rms_norm")  # no bias, no activation
+
+
+def _b(flag):
+    return "true" if flag else "false"
 
 
 # ---- replica of the launchers' choice (csrc/cuda/layer_norm.cu: choose_fwd_cfg, bwd_launch) ------
@@ -97,26 +104,27 @@ def fwd_elems(n, vec):
     return out
 
 
-def expected_kernels(n, vec_fwd, vec_bwd, t, grad, partials):
+def expected_kernels(n, vec_fwd, vec_bwd, t, grad, partials, res=False, rms=False):
     """The kernel keys ('name<type,args>') the call should launch, and the backward's dynamic smem."""
     keys = []
+    r = _b(rms)
     if n <= (32768 if vec_fwd > 1 else 8192):
-        keys.append(f"ln_fwd_cached<{t},{vec_fwd},{fwd_elems(n, vec_fwd) // vec_fwd}>")
+        keys.append(f"ln_fwd_cached<{t},{vec_fwd},{fwd_elems(n, vec_fwd) // vec_fwd},{r}>")
     else:
-        keys.append(f"ln_fwd_uncached<{t},{vec_fwd},{max(1, 16 // vec_fwd)}>")
+        keys.append(f"ln_fwd_uncached<{t},{vec_fwd},{max(1, 16 // vec_fwd)},{_b(res)},{r}>")
     smem = 0
     if grad:
         v, e = vec_bwd, (4 if vec_bwd == 1 else 8)
         smem = 2 * 32 * 8
         if n <= 1024 * e:
-            keys.append(f"ln_bwd_rows<{t},{v},{e // v},{'true' if v == 1 else 'false'}>")
+            keys.append(f"ln_bwd_rows<{t},{v},{e // v},{_b(v == 1)},{r}>")
             tpr = _round_tpr(_cdiv(n // v, e // v))
             rpb = max(1, 512 // tpr)
             if partials and (v == 1 or rpb > 1):
                 smem += rpb * 2 * n * 4
         else:
             acc = partials and n <= 16384  # (and it fits the opt-in limit: 227 KB on Hopper)
-            keys.append(f"ln_bwd_uncached<{t},{v},{'true' if acc else 'false'}>")
+            keys.append(f"ln_bwd_uncached<{t},{v},{_b(acc)},{r}>")
             smem += 2 * n * 4 if acc else 0
         if partials:
             keys.append(f"ln_reduce_partials<{t}>")
@@ -186,8 +194,9 @@ def static_keys(c):
     """expected_kernels from the case's layout alone (the run checks the real tensors)."""
     vec = 4 if c.dtype == torch.float32 else 8
     vf = vec if c.layout != "misaligned" and c.n % vec == 0 else 1
-    vb = vf if c.op != "add_layer_norm" else (vec if c.n % vec == 0 else 1)  # backward reads h
-    return expected_kernels(c.n, vf, vb, SHORT[c.dtype], True, c.weight or c.bias)[0]
+    vb = vf if c.op not in RES_OPS else (vec if c.n % vec == 0 else 1)  # backward reads h
+    return expected_kernels(c.n, vf, vb, SHORT[c.dtype], True, c.weight or c.bias,
+                            c.op in RES_OPS, c.op in RMS_OPS)[0]
 
 
 def _cases_of(dtype, quick):
@@ -199,9 +208,15 @@ def _cases_of(dtype, quick):
             op, act = NO_RES[i % len(NO_RES)]
             w, b = AFFINE[(i // 2) % len(AFFINE)]
             cases.append(Case(dtype, m, n, op, act, w, b, layout, stream=not i % 2))
+        if not quick or i % 2:  # RMSNorm through the same kernels (RMS = true)
+            op = RMS_OPS[(i // 2) % 2]
+            cases.append(Case(dtype, m, n, op, None, (i // 4) % 3 != 2, False, layout, stream=bool(i % 2)))
     if not quick:  # long rows without weight and bias: no workspace, no partials kernel
         cases.append(Case(dtype, 2, 12288, "layer_norm_gelu", "gelu", False, False, stream=True))
         cases.append(Case(dtype, 3, 8191, "layer_norm", None, False, False))
+        # add_rms_norm on the long-row kernels: scalar ln_fwd_uncached with h, dw in shared memory
+        cases.append(Case(dtype, 2, 8193, "add_rms_norm", None, True, False, stream=True))
+        cases.append(Case(dtype, 3, 12288, "add_rms_norm", None, True, False))
     return cases
 
 
@@ -219,6 +234,9 @@ def _make_x(case, gen):
 def reference(case, x, r, w, b):
     h = (x + r).to(case.dtype).double() if r is not None else None  # torch rounds h to the dtype
     src = h if h is not None else x
+    if case.op in RMS_OPS:
+        y = F.rms_norm(src, (case.n,), w, EPS)
+        return (y, h) if h is not None else (y,)
     y = F.layer_norm(src, (case.n,), w, b, EPS)
     if case.act is not None:
         y = F.gelu(y, approximate="tanh" if case.act == "gelu_tanh" else "none")
@@ -226,6 +244,10 @@ def reference(case, x, r, w, b):
 
 
 def call(ops, case, backend, x, r, w, b):
+    if case.op == "add_rms_norm":
+        return tuple(ops.add_rms_norm(x, r, w, EPS, backend=backend))
+    if case.op == "rms_norm":
+        return (ops.rms_norm(x, w, EPS, backend=backend),)
     if case.op == "add_layer_norm":
         return tuple(ops.add_layer_norm(x, r, w, b, EPS, case.act, backend=backend))
     if case.op == "layer_norm_gelu":
@@ -259,7 +281,7 @@ def poison(device):
 def run_case(ops, case, backend, device, gen, side):
     dt, n = case.dtype, case.n
     x_ref, x_on = _make_x(case, gen)
-    res = case.op == "add_layer_norm"
+    res = case.op in RES_OPS
     rnd = lambda *s: torch.randn(*s, generator=gen, dtype=torch.float64).to(dt)  # noqa: E731
     r_c = rnd(case.m, n) if res else None
     w_c = (1 + 0.1 * torch.randn(n, generator=gen, dtype=torch.float64)).to(dt) if case.weight else None
@@ -300,7 +322,8 @@ def run_case(ops, case, backend, device, gen, side):
     vec = 4 if dt == torch.float32 else 8
     vf = vec if vec_ok(n, vec, [x, r, got[0]] + ([got[1]] if res else []), [w, b]) else 1
     vb = vec if vec_ok(n, vec, [normalized, got_g[0]], [w, b]) else 1
-    keys, smem = expected_kernels(n, vf, vb, SHORT[dt], True, case.weight or case.bias)
+    keys, smem = expected_kernels(n, vf, vb, SHORT[dt], True, case.weight or case.bias, res,
+                                  case.op in RMS_OPS)
     return bad, keys, smem
 
 

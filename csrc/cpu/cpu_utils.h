@@ -86,11 +86,16 @@ PYDL_INLINE float to_acc(bf16_t v) {
 template <typename T>
 PYDL_INLINE T from_acc(acc_t<T> v) {
   if constexpr (std::is_same_v<T, bf16_t>) {
-    // Round to nearest even; quiet NaNs keep a mantissa bit.
-    uint32_t u = static_cast<uint32_t>(vmath::float_to_bits(v));
-    uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
-    uint32_t nan = (u >> 16) | 0x40u;
-    return bf16_t{static_cast<uint16_t>((u & 0x7fffffffu) > 0x7f800000u ? nan : rounded)};
+    // Round to nearest even; a NaN becomes its top half with the quiet bit set. The NaN is
+    // replaced *before* the rounding by its quieted bits with the low half cleared, which the
+    // rounding leaves alone (no carry out of the low half), so one 32-bit select serves both
+    // cases (a select after the rounding made GCC widen both 16-bit candidates first). Same
+    // bits as the select-after form for all 2^32 inputs (checked exhaustively). `v != v` needs
+    // NaNs honoured: never build with -ffinite-math-only / -ffast-math.
+    const uint32_t u = static_cast<uint32_t>(vmath::float_to_bits(v));
+    const uint32_t quiet = (u | 0x00400000u) & 0xffff0000u;
+    const uint32_t w = v != v ? quiet : u;
+    return bf16_t{static_cast<uint16_t>((w + 0x7fffu + ((w >> 16) & 1u)) >> 16)};
   } else {
     return v;
   }

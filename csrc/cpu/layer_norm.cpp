@@ -11,6 +11,7 @@
 // The row loops are compiled per ISA level (cpu_utils.h) and vectorize through `omp simd`.
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <vector>
 
 #include "cpu_utils.h"
@@ -23,7 +24,8 @@ using cpu::acc_t;
 using cpu::from_acc;
 using cpu::to_acc;
 
-// Row sums add SIMD lanes within blocks of this many elements, then the blocks in double.
+// Row sums add SIMD lanes within blocks of this many elements, then the blocks in double (the
+// forward statistics: SumVec below; the backward's two row sums: `omp simd` reductions).
 constexpr int64_t kSumBlock = 512;
 
 template <int ACT, typename A>
@@ -40,33 +42,184 @@ PYDL_INLINE A activation_grad(A z) {
   else return A(1);
 }
 
-// Weight and bias converted once per call to the accumulation type; absent ones become 1 / 0.
+// Weight and bias as accumulation-type rows; absent ones become 1 / 0. float32 weights are used
+// in place (no per-call copy); other storage types are converted once per call.
 template <typename T>
 struct Affine {
-  std::vector<acc_t<T>> weight, bias;
-  Affine(const TensorView& w, const TensorView& b, int64_t n) : weight(n, 1), bias(n, 0) {
-    if (w.defined) for (int64_t j = 0; j < n; ++j) weight[j] = to_acc(w.ptr<const T>()[j]);
-    if (b.defined) for (int64_t j = 0; j < n; ++j) bias[j] = to_acc(b.ptr<const T>()[j]);
+  using A = acc_t<T>;
+  std::vector<A> storage;  // the converted or default rows, only where needed
+  const A* weight = nullptr;
+  const A* bias = nullptr;
+  Affine(const TensorView& w, const TensorView& b, int64_t n) {
+    constexpr bool kInPlace = std::is_same_v<T, A>;
+    const bool copy_w = !(kInPlace && w.defined), copy_b = !(kInPlace && b.defined);
+    storage.resize(static_cast<size_t>((copy_w ? n : 0) + (copy_b ? n : 0)));
+    A* next = storage.data();
+    if (copy_w) {
+      for (int64_t j = 0; j < n; ++j) next[j] = w.defined ? to_acc(w.ptr<const T>()[j]) : A(1);
+      weight = next;
+      next += n;
+    } else {
+      weight = reinterpret_cast<const A*>(w.ptr<const T>());
+    }
+    if (copy_b) {
+      for (int64_t j = 0; j < n; ++j) next[j] = b.defined ? to_acc(b.ptr<const T>()[j]) : A(0);
+      bias = next;
+    } else {
+      bias = reinterpret_cast<const A*>(b.ptr<const T>());
+    }
   }
 };
+
+// ---- Forward row statistics ---------------------------------------------------------------------
+//
+// The statistic is the corrected two-pass mean and (biased) variance:
+//   pass 1:  mean0 = sum_j x_j / n
+//   pass 2:  s = sum_j (x_j - mean0),  sq = sum_j (x_j - mean0)^2
+//   mean = mean0 + s/n,  var = sq/n - (s/n)^2
+// * Constant rows (x_j = c) normalize to exactly 0: pass 1 may round, but mean0 is then within a
+//   few ulps of c, so every x_j - mean0 is the same exact value -e (Sterbenz), s/n = -e(1 + d)
+//   with |d| ~ 1e-5, and mean = mean0 + s/n = c - e*d rounds to c itself. (var is then ~0 and
+//   rstd finite, so y = (c - c) * rstd * w + b = b.)
+// * |mean| >> std, and single outliers: the squares are of deviations from mean0, never of the
+//   raw values, so there is no cancellation of large squares; pass 1's rounding error (the
+//   outlier's ulp, ~1e-3 for 1e4, spread over n) is measured by s and folded back into the mean.
+//   A single pass shifted by one element (e.g. x_0) is not accurate: with x_0 = 1e4 an outlier
+//   the shifted squares are ~1e8 each and their rounding swamps var.
+// Accuracy of the sums: 32 float lanes (16 double), each adding kSumBlock / 32 = 16 elements per
+// block; the lanes are added pairwise and the blocks in double.
+//
+// Speed: the sums use GCC/Clang vector types (32 bytes: one AVX2 register) with four
+// accumulators per sum, so consecutive vector adds are independent and the loop runs at load/FMA
+// throughput instead of one add latency (3-4 cycles) per vector; the lane total is a short
+// register shuffle tree. An `omp simd reduction` has one accumulator, and GCC adds its lanes one
+// after another through memory in the epilogue: for N = 192 that epilogue (twice per row) cost
+// more than the loop. The elements past the last whole group of 4 vectors (none at the usual
+// model sizes) go to a scalar tail sum. The row stays in L1 between the passes.
+template <typename A>
+struct SumVec {
+  typedef A V __attribute__((vector_size(32)));
+  typedef A Half __attribute__((vector_size(16)));
+  static constexpr int kWidth = 32 / static_cast<int>(sizeof(A));  // lanes per vector
+  static constexpr int kGroup = 4 * kWidth;                         // elements per loop step
+  static_assert(kSumBlock % kGroup == 0, "blocks hold whole groups");
+
+  // By reference, not by value: a vector argument or return value of a function compiled for
+  // the baseline ISA draws GCC's -Wpsabi note (the calls are inlined either way).
+  static PYDL_INLINE void load(V& v, const A* p) { std::memcpy(&v, p, sizeof(V)); }
+  static PYDL_INLINE A total(const V& v) {  // pairwise: (0+4 + 2+6) + (1+5 + 3+7) for floats
+    Half lo, hi;
+    std::memcpy(&lo, &v, sizeof(Half));
+    std::memcpy(&hi, reinterpret_cast<const char*>(&v) + sizeof(Half), sizeof(Half));
+    const Half q = lo + hi;
+    if constexpr (kWidth == 8) return (q[0] + q[2]) + (q[1] + q[3]);
+    else return q[0] + q[1];
+  }
+};
+
+// Pass 1: sum_j src[j].
+template <typename A>
+PYDL_INLINE double row_sum(const A* src, int64_t n) {
+  using S = SumVec<A>;
+  using V = typename S::V;
+  constexpr int kW = S::kWidth;
+  double sum = 0;
+  for (int64_t j0 = 0; j0 < n; j0 += kSumBlock) {
+    const int64_t j1 = std::min(n, j0 + kSumBlock);
+    V a0 = {}, a1 = {}, a2 = {}, a3 = {};
+    int64_t j = j0;
+    for (; j + S::kGroup <= j1; j += S::kGroup) {
+      V v0, v1, v2, v3;
+      S::load(v0, src + j);
+      S::load(v1, src + j + kW);
+      S::load(v2, src + j + 2 * kW);
+      S::load(v3, src + j + 3 * kW);
+      a0 += v0;
+      a1 += v1;
+      a2 += v2;
+      a3 += v3;
+    }
+    A tail = 0;
+    for (; j < j1; ++j) tail += src[j];
+    const V acc = (a0 + a1) + (a2 + a3);
+    sum += static_cast<double>(S::total(acc)) + static_cast<double>(tail);
+  }
+  return sum;
+}
+
+// Pass 2: s = sum_j (src[j] - mean0), sq = sum_j (src[j] - mean0)^2.
+template <typename A>
+PYDL_INLINE void row_deviation_sums(const A* src, int64_t n, A mean0, double& s, double& sq) {
+  using S = SumVec<A>;
+  using V = typename S::V;
+  constexpr int kW = S::kWidth;
+  s = 0;
+  sq = 0;
+  for (int64_t j0 = 0; j0 < n; j0 += kSumBlock) {
+    const int64_t j1 = std::min(n, j0 + kSumBlock);
+    V s0 = {}, s1 = {}, s2 = {}, s3 = {}, q0 = {}, q1 = {}, q2 = {}, q3 = {};
+    int64_t j = j0;
+    for (; j + S::kGroup <= j1; j += S::kGroup) {
+      V d0, d1, d2, d3;
+      S::load(d0, src + j);
+      S::load(d1, src + j + kW);
+      S::load(d2, src + j + 2 * kW);
+      S::load(d3, src + j + 3 * kW);
+      d0 -= mean0;
+      d1 -= mean0;
+      d2 -= mean0;
+      d3 -= mean0;
+      s0 += d0;
+      s1 += d1;
+      s2 += d2;
+      s3 += d3;
+      q0 += d0 * d0;
+      q1 += d1 * d1;
+      q2 += d2 * d2;
+      q3 += d3 * d3;
+    }
+    A tail_s = 0, tail_sq = 0;
+    for (; j < j1; ++j) {
+      const A d = src[j] - mean0;
+      tail_s += d;
+      tail_sq += d * d;
+    }
+    const V vs = (s0 + s1) + (s2 + s3), vq = (q0 + q1) + (q2 + q3);
+    s += static_cast<double>(S::total(vs)) + static_cast<double>(tail_s);
+    sq += static_cast<double>(S::total(vq)) + static_cast<double>(tail_sq);
+  }
+}
 
 template <typename T, int ACT>
 PYDL_INLINE void fwd_rows(const LayerNormFwdArgs& a, const acc_t<T>* w, const acc_t<T>* b,
                           int64_t r0, int64_t r1, acc_t<T>* row) {
   using A = acc_t<T>;
   const int64_t n = a.x.sizes[1];
+  const double inv_n = 1.0 / static_cast<double>(n);
+  const bool rms = a.norm == Norm::kRms;  // then mean = 0 (and no bias: b is all zeros)
   for (int64_t r = r0; r < r1; ++r) {
     const T* x = a.x.ptr<const T>() + r * a.x.strides[0];
     if (a.residual.defined) {
       const T* res = a.residual.ptr<const T>() + r * a.residual.strides[0];
       T* h = a.h.ptr<T>() + r * n;
       // h is rounded to T as torch rounds x + residual; no named T temporary in the loop (a
-      // struct-typed SIMD-private variable keeps GCC from vectorizing it for bfloat16).
+      // struct-typed SIMD-private variable keeps GCC from vectorizing it for bfloat16). For
+      // bfloat16 the rounding is done once and its bits both stored and widened (rounding the
+      // widened value a second time for the store doubled the loop's cost).
+      if constexpr (std::is_same_v<T, bf16_t>) {
 #pragma omp simd
-      for (int64_t j = 0; j < n; ++j) {
-        const A hj = to_acc(from_acc<T>(to_acc(x[j]) + to_acc(res[j])));
-        h[j] = from_acc<T>(hj);  // exact: hj is representable in T
-        row[j] = hj;
+        for (int64_t j = 0; j < n; ++j) {
+          const uint16_t bits = from_acc<T>(to_acc(x[j]) + to_acc(res[j])).bits;
+          h[j].bits = bits;
+          row[j] = vmath::bits_to_float(static_cast<int32_t>(static_cast<uint32_t>(bits) << 16));
+        }
+      } else {
+#pragma omp simd
+        for (int64_t j = 0; j < n; ++j) {
+          const A hj = to_acc(x[j]) + to_acc(res[j]);
+          h[j] = hj;
+          row[j] = hj;
+        }
       }
     } else if constexpr (!std::is_same_v<T, A>) {
 #pragma omp simd
@@ -78,36 +231,21 @@ PYDL_INLINE void fwd_rows(const LayerNormFwdArgs& a, const acc_t<T>* w, const ac
     if constexpr (std::is_same_v<T, A>) {
       if (!a.residual.defined) src = x;
     }
-    // Corrected two-pass statistics: a first mean, then the deviations' sum s and squared sum
-    // sq around it; mean = mean0 + s/n and var = sq/n - (s/n)^2 stay exact for constant rows
-    // and accurate when |mean| >> std (the first mean's rounding error is folded back in).
-    // Sums are blocked: SIMD lanes in A within a block, blocks added in double.
-    double sum = 0;
-    for (int64_t j0 = 0; j0 < n; j0 += kSumBlock) {
-      const int64_t j1 = std::min(n, j0 + kSumBlock);
-      A part = 0;
-#pragma omp simd reduction(+ : part)
-      for (int64_t j = j0; j < j1; ++j) part += src[j];
-      sum += part;
+    A mean, rstd;
+    if (rms) {  // RMSNorm: no mean; the square sum of the row itself (blocked like pass 2)
+      double s, sq;
+      row_deviation_sums(src, n, A(0), s, sq);
+      mean = A(0);
+      rstd = A(1) / std::sqrt(static_cast<A>(sq * inv_n) + static_cast<A>(a.eps));
+    } else {
+      const A mean0 = static_cast<A>(row_sum(src, n) * inv_n);
+      double s, sq;
+      row_deviation_sums(src, n, mean0, s, sq);
+      const double shift = s * inv_n;
+      mean = static_cast<A>(static_cast<double>(mean0) + shift);
+      const A var = static_cast<A>(sq * inv_n - shift * shift);
+      rstd = A(1) / std::sqrt((var < A(0) ? A(0) : var) + static_cast<A>(a.eps));
     }
-    const A mean0 = static_cast<A>(sum / static_cast<double>(n));
-    double s = 0, sq = 0;
-    for (int64_t j0 = 0; j0 < n; j0 += kSumBlock) {
-      const int64_t j1 = std::min(n, j0 + kSumBlock);
-      A part_s = 0, part_sq = 0;
-#pragma omp simd reduction(+ : part_s, part_sq)
-      for (int64_t j = j0; j < j1; ++j) {
-        const A d = src[j] - mean0;
-        part_s += d;
-        part_sq += d * d;
-      }
-      s += part_s;
-      sq += part_sq;
-    }
-    const double shift = s / static_cast<double>(n);
-    const A mean = static_cast<A>(mean0 + shift);
-    const A var = static_cast<A>(sq / static_cast<double>(n) - shift * shift);
-    const A rstd = A(1) / std::sqrt((var < A(0) ? A(0) : var) + static_cast<A>(a.eps));
     if (a.mean.defined) {
       a.mean.ptr<A>()[r] = mean;
       a.rstd.ptr<A>()[r] = rstd;
@@ -122,7 +260,7 @@ PYDL_INLINE void fwd_rows(const LayerNormFwdArgs& a, const acc_t<T>* w, const ac
 
 // Backward of a block of R rows (R = kBwdBlockRows, or 1 for the last rows of a thread's range
 // and for long rows). Per row, one pass forms the two row sums
-//   c1 = mean_j(g * w),  c2 = mean_j(g * w * xhat),  g = dy * act'(xhat * w + b)
+//   c1 = mean_j(g * w) (0 for RMSNorm),  c2 = mean_j(g * w * xhat),  g = dy * act'(xhat * w + b)
 // (with the activation, g is kept in the scratch rows so act' is evaluated once). Then one pass
 // over j serves all R rows: it writes dx = rstd * (g * w - c1 - xhat * c2) (+ dh) and adds the
 // rows' g * xhat and g into the thread's dweight/dbias partial rows, so the partials are read
@@ -168,7 +306,8 @@ PYDL_INLINE void bwd_block(const LayerNormBwdArgs& a, const acc_t<T>* w, const a
       s1 += part1;
       s2 += part2;
     }
-    c1[i] = static_cast<A>(s1 / static_cast<double>(n));
+    // RMSNorm: xhat = x * rstd (the saved mean is 0) and no mean term in dx.
+    c1[i] = a.norm == Norm::kRms ? A(0) : static_cast<A>(s1 / static_cast<double>(n));
     c2[i] = static_cast<A>(s2 / static_cast<double>(n));
   }
 #pragma omp simd
@@ -277,9 +416,12 @@ void fwd_impl(const LayerNormFwdArgs& a, int num_threads) {
   const int threads = cpu::choose_num_threads(num_threads, m, m * n);
   cpu::advise_huge_pages(a.y);
   cpu::advise_huge_pages(a.h);
+  // The float scratch row is needed for bfloat16 and for h = x + residual; float32 without a
+  // residual reads x directly and allocates nothing.
+  const bool scratch = !std::is_same_v<T, A> || a.residual.defined;
   cpu::parallel_rows(threads, m, [&](int, int64_t r0, int64_t r1) {
-    std::vector<A> row(n);
-    k::fwd(a, affine.weight.data(), affine.bias.data(), r0, r1, row.data());
+    std::vector<A> row(scratch ? static_cast<size_t>(n) : 0);
+    k::fwd(a, affine.weight, affine.bias, r0, r1, row.data());
   });
 }
 
@@ -297,7 +439,7 @@ void bwd_impl(const LayerNormBwdArgs& a, int num_threads) {
     cpu::parallel_rows(threads, m, [&](int tid, int64_t r0, int64_t r1) {
       std::vector<A> g(a.act == Activation::kNone ? 0 : kBwdBlockRows * n);
       A* dw = partial.data() + static_cast<size_t>(tid) * 2 * n;
-      k::bwd(a, affine.weight.data(), affine.bias.data(), r0, r1, g.data(), dw, dw + n);
+      k::bwd(a, affine.weight, affine.bias, r0, r1, g.data(), dw, dw + n);
     });
   }
   for (int part = 0; part < 2; ++part) {

@@ -3,6 +3,12 @@
 //   backward  dx (+ dh), dweight, dbias
 // Storage float32 / float16 / bfloat16; every computation in float32.
 //
+// RMSNorm (Norm::kRms) is the same kernels with the compile-time flag RMS: the forward's
+// statistics pass sums x^2 only (one row reduction instead of the mean and the deviations),
+// rstd = rsqrt(sumsq / N + eps), mean written as 0, xhat = x * rstd; the backward skips the
+// mean (never read) and reduces one row sum, c2 = mean(dxhat * xhat), instead of two (c1 = 0),
+// and accumulates no dbias (RMSNorm has no bias). Every kernel below is instantiated for both.
+//
 // Layout. A row (N elements) is split into "chunks" of VEC elements: VEC = 16 bytes / sizeof(T)
 // when N % VEC == 0 and every pointer and row stride allows 16-byte accesses (checked on the host
 // at each call), else VEC = 1. A row is owned by a "row group" of TPR consecutive threads
@@ -163,22 +169,29 @@ __device__ __forceinline__ void load_param(const T* p, int c, float neutral, flo
 
 // ---- forward: row cached in registers ---------------------------------------------------------
 
-// Chunk c of y = act((v - mean) * rstd * w + b); v holds the chunk's inputs (overwritten).
-template <typename T, int VEC, int ACT>
+// Chunk c of y = act((v - mean) * rstd * w + b) (RMS: act(v * rstd * w), no bias); v holds the
+// chunk's inputs (overwritten).
+template <typename T, int VEC, int ACT, bool RMS>
 __device__ __forceinline__ void fwd_store_chunk(float (&v)[VEC], int c, float mean, float rstd,
                                                 const T* __restrict__ w, const T* __restrict__ b,
                                                 T* __restrict__ yr) {
   float wv[VEC], bv[VEC];
   load_param<T, VEC>(w, c, 1.0f, wv);
-  load_param<T, VEC>(b, c, 0.0f, bv);
+  if constexpr (RMS) {
 #pragma unroll
-  for (int k = 0; k < VEC; ++k) v[k] = act_fwd<ACT>((v[k] - mean) * rstd * wv[k] + bv[k]);
+    for (int k = 0; k < VEC; ++k) v[k] = act_fwd<ACT>(v[k] * rstd * wv[k]);
+  } else {
+    load_param<T, VEC>(b, c, 0.0f, bv);
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) v[k] = act_fwd<ACT>((v[k] - mean) * rstd * wv[k] + bv[k]);
+  }
   store_floats<T, VEC>(yr + static_cast<int64_t>(c) * VEC, v);
 }
 
 // Shapes: x, res (m, n) row strides x_rs, a_rs; h (m, n) row stride b_rs; y (m, n) row stride
 // o_rs; w, b (n,); mean, rstd (m,). Dynamic smem: 3 * kRedSlots floats.
-template <typename T, int VEC, int ITEMS>
+// RMS: one reduction per row (sum of squares), through two slot sets alternating by row parity.
+template <typename T, int VEC, int ITEMS, bool RMS>
 __global__ void __launch_bounds__(kMaxThreads, 1)
     ln_fwd_cached(const T* __restrict__ x, const T* __restrict__ res, const T* __restrict__ w,
                   const T* __restrict__ b, T* __restrict__ y, T* __restrict__ h,
@@ -191,7 +204,9 @@ __global__ void __launch_bounds__(kMaxThreads, 1)
   const int64_t row_step = static_cast<int64_t>(gridDim.x) * s.rpb;
 
   // Block-uniform loop (row groups past m still take part in the reductions).
-  for (int64_t base = static_cast<int64_t>(blockIdx.x) * s.rpb; base < s.m; base += row_step) {
+  int parity = 0;
+  for (int64_t base = static_cast<int64_t>(blockIdx.x) * s.rpb; base < s.m;
+       base += row_step, parity ^= 1) {
     const int64_t row = base + group;
     const bool valid = row < s.m;
     // The row cache holds the storage type: x, or h already rounded to T, is exact in T (half
@@ -213,35 +228,47 @@ __global__ void __launch_bounds__(kMaxThreads, 1)
           cuda::store_vec<T, VEC>(h + row * s.b_rs + col, v[i]);
         }
 #pragma unroll
-        for (int k = 0; k < VEC; ++k) sum += to_float(v[i].v[k]);
+        for (int k = 0; k < VEC; ++k) {
+          const float xv = to_float(v[i].v[k]);
+          sum += RMS ? xv * xv : xv;  // RMS: the sum of squares
+        }
       } else {
 #pragma unroll
         for (int k = 0; k < VEC; ++k) v[i].v[k] = from_float<T>(0.0f);
       }
     }
-    const float mean0 = group_sum(sum, tpr, red) * s.inv_n;
+    float mean, rstd;
+    if constexpr (RMS) {
+      // One reduction per row: the slots alternate by row parity (a fast warp's next row must
+      // not overwrite a slot another warp is still reading; LN's two sets do that by order).
+      const float ms = group_sum(sum, tpr, red + parity * kRedSlots) * s.inv_n;
+      mean = 0.0f;
+      rstd = __frsqrt_rn(ms + s.eps);  // correctly rounded 1 / sqrt
+    } else {
+      const float mean0 = group_sum(sum, tpr, red) * s.inv_n;
 
-    // Corrected two-pass: the deviations' sum folds the first mean's rounding error back in,
-    // so constant rows normalize to exactly 0 and |mean| >> std keeps its accuracy.
-    f32x2 dev = {0.0f, 0.0f};  // sum(d), sum(d * d), d = x - mean0
+      // Corrected two-pass: the deviations' sum folds the first mean's rounding error back in,
+      // so constant rows normalize to exactly 0 and |mean| >> std keeps its accuracy.
+      f32x2 dev = {0.0f, 0.0f};  // sum(d), sum(d * d), d = x - mean0
 #pragma unroll
-    for (int i = 0; i < ITEMS; ++i) {
-      const int c = i * tpr + t;
-      if (valid && c < nchunks) {
+      for (int i = 0; i < ITEMS; ++i) {
+        const int c = i * tpr + t;
+        if (valid && c < nchunks) {
 #pragma unroll
-        for (int k = 0; k < VEC; ++k) {
-          const float d = to_float(v[i].v[k]) - mean0;
-          dev.x += d;
-          dev.y += d * d;
+          for (int k = 0; k < VEC; ++k) {
+            const float d = to_float(v[i].v[k]) - mean0;
+            dev.x += d;
+            dev.y += d * d;
+          }
         }
       }
+      dev = group_sum(dev, tpr, reinterpret_cast<f32x2*>(red + kRedSlots));
+      const float shift = dev.x * s.inv_n;
+      mean = mean0 + shift;
+      const float var_raw = dev.y * s.inv_n - shift * shift;
+      const float var = var_raw < 0.0f ? 0.0f : var_raw;  // keeps NaN
+      rstd = __frsqrt_rn(var + s.eps);  // correctly rounded 1 / sqrt
     }
-    dev = group_sum(dev, tpr, reinterpret_cast<f32x2*>(red + kRedSlots));
-    const float shift = dev.x * s.inv_n;
-    const float mean = mean0 + shift;
-    const float var_raw = dev.y * s.inv_n - shift * shift;
-    const float var = var_raw < 0.0f ? 0.0f : var_raw;  // keeps NaN
-    const float rstd = __frsqrt_rn(var + s.eps);  // correctly rounded 1 / sqrt
     if (valid && t == 0 && mean_out != nullptr) {  // the statistics are optional (inference)
       mean_out[row] = mean;
       rstd_out[row] = rstd;
@@ -256,13 +283,15 @@ __global__ void __launch_bounds__(kMaxThreads, 1)
           float o[VEC];
 #pragma unroll
           for (int k = 0; k < VEC; ++k) o[k] = to_float(v[i].v[k]);
-          fwd_store_chunk<T, VEC, decltype(act)::value>(o, c, mean, rstd, w, b, yr);
+          fwd_store_chunk<T, VEC, decltype(act)::value, RMS>(o, c, mean, rstd, w, b, yr);
         }
       }
     });
-    // Next iteration: `red` is written again only after the variance barrier of this one, which
-    // every thread passes after reading the mean slots; the variance slots are rewritten only
-    // after the next mean barrier. No extra barrier needed.
+    // Next iteration (LN): `red` is written again only after the variance barrier of this one,
+    // which every thread passes after reading the mean slots; the variance slots are rewritten
+    // only after the next mean barrier. RMS: slot set `parity` is rewritten two rows later,
+    // after the next row's barrier, which every thread passes after reading this row's slots.
+    // No extra barrier needed.
   }
 }
 
@@ -289,8 +318,9 @@ __device__ __forceinline__ void chan_merge(float& na, float& ma, float& qa, floa
 // scalar kernels, U = 16, spill); pass 1 still tests res at run time and pass 2 strides by
 // blockDim.x: the forms with which no instantiation spills on sm_80 and sm_90a (nvcc 13.0;
 // scripts/check_cuda_compile.sh reports spills).
+// RMS: pass 1 sums x^2 per thread (no Welford), the warps' sums are added in a fixed order.
 // Dynamic smem: 3 * kRedSlots + 2 floats.
-template <typename T, int VEC, int U, bool RES>
+template <typename T, int VEC, int U, bool RES, bool RMS>
 __global__ void __launch_bounds__(kFwdUncachedThreads, 2)
     ln_fwd_uncached(const T* __restrict__ x, const T* __restrict__ res, const T* __restrict__ w,
                     const T* __restrict__ b, T* __restrict__ y, T* __restrict__ h,
@@ -309,8 +339,9 @@ __global__ void __launch_bounds__(kFwdUncachedThreads, 2)
     const T* rr = res != nullptr ? res + row * s.a_rs : nullptr;
     T* hr = res != nullptr ? h + row * s.b_rs : nullptr;
 
-    // Pass 1: per-thread Welford over tiles of U chunks (two-pass inside a tile), merged (Chan).
-    float cnt = 0.0f, mu = 0.0f, m2 = 0.0f;
+    // Pass 1: per-thread Welford over tiles of U chunks (two-pass inside a tile), merged (Chan);
+    // RMS: the sum of squares (ss).
+    float cnt = 0.0f, mu = 0.0f, m2 = 0.0f, ss = 0.0f;
     for (int c0 = t; c0 < nchunks; c0 += tpr * U) {
       float v[U][VEC];
       float tn = 0.0f, ts = 0.0f;
@@ -333,9 +364,16 @@ __global__ void __launch_bounds__(kFwdUncachedThreads, 2)
           }
           tn += static_cast<float>(VEC);
 #pragma unroll
-          for (int k = 0; k < VEC; ++k) ts += v[u][k];
+          for (int k = 0; k < VEC; ++k) {
+            if constexpr (RMS) {
+              ss += v[u][k] * v[u][k];
+            } else {
+              ts += v[u][k];
+            }
+          }
         }
       }
+      if constexpr (RMS) continue;
       const float tm0 = ts / tn;  // tn >= VEC: chunk c0 < nchunks
       float td = 0.0f, tq = 0.0f;  // corrected two-pass, as in ln_fwd_cached
 #pragma unroll
@@ -355,21 +393,40 @@ __global__ void __launch_bounds__(kFwdUncachedThreads, 2)
     // Warp tree to lane 0 (lanes >= 32 - offset merge garbage nobody reads), then warp 0..W-1
     // merged in order by thread 0.
     for (int offset = 16; offset > 0; offset >>= 1) {
-      const float nb = __shfl_down_sync(0xffffffffu, cnt, offset);
-      const float mb = __shfl_down_sync(0xffffffffu, mu, offset);
-      const float qb = __shfl_down_sync(0xffffffffu, m2, offset);
-      chan_merge(cnt, mu, m2, nb, mb, qb);
+      if constexpr (RMS) {
+        ss += __shfl_down_sync(0xffffffffu, ss, offset);
+      } else {
+        const float nb = __shfl_down_sync(0xffffffffu, cnt, offset);
+        const float mb = __shfl_down_sync(0xffffffffu, mu, offset);
+        const float qb = __shfl_down_sync(0xffffffffu, m2, offset);
+        chan_merge(cnt, mu, m2, nb, mb, qb);
+      }
     }
     if (lane == 0) {
-      sm_n[warp] = cnt;
-      sm_mean[warp] = mu;
-      sm_m2[warp] = m2;
+      if constexpr (RMS) {
+        sm_n[warp] = ss;
+      } else {
+        sm_n[warp] = cnt;
+        sm_mean[warp] = mu;
+        sm_m2[warp] = m2;
+      }
     }
     __syncthreads();
     if (t == 0) {
-      float n_a = sm_n[0], m_a = sm_mean[0], q_a = sm_m2[0];
-      for (int j = 1; j < (tpr >> 5); ++j) chan_merge(n_a, m_a, q_a, sm_n[j], sm_mean[j], sm_m2[j]);
-      const float rstd = __frsqrt_rn(q_a * s.inv_n + s.eps);
+      float m_a, rstd;
+      if constexpr (RMS) {
+        float ss_a = sm_n[0];
+        for (int j = 1; j < (tpr >> 5); ++j) ss_a += sm_n[j];
+        m_a = 0.0f;
+        rstd = __frsqrt_rn(ss_a * s.inv_n + s.eps);
+      } else {
+        float n_a = sm_n[0], q_a = sm_m2[0];
+        m_a = sm_mean[0];
+        for (int j = 1; j < (tpr >> 5); ++j) {
+          chan_merge(n_a, m_a, q_a, sm_n[j], sm_mean[j], sm_m2[j]);
+        }
+        rstd = __frsqrt_rn(q_a * s.inv_n + s.eps);
+      }
       sm_stats[0] = m_a;
       sm_stats[1] = rstd;
       if (mean_out != nullptr) {  // the statistics are optional (inference)
@@ -402,7 +459,7 @@ __global__ void __launch_bounds__(kFwdUncachedThreads, 2)
       for (int c = t; c < nchunks; c += stride) {
         float v[VEC];
         load_floats<T, VEC>(src + static_cast<int64_t>(c) * VEC, v);
-        fwd_store_chunk<T, VEC, decltype(act)::value>(v, c, mean, rstd, w, b, yr);
+        fwd_store_chunk<T, VEC, decltype(act)::value, RMS>(v, c, mean, rstd, w, b, yr);
       }
     });
   }
@@ -495,8 +552,9 @@ __device__ __forceinline__ void write_partial_row(const float* acc, int groups, 
 // ws (gridDim.x, 2n) or null when neither dweight nor dbias is wanted.
 // ACC_SMEM: the per-column dweight / dbias sums live in shared memory (else in registers, and
 // shared memory only merges the row groups at the end).
+// RMS: mean_in is not read (xhat = x * rstd), one row sum (c2), no dbias sums.
 // Dynamic smem: 2 * kRedSlots f32x2, then (when ws and (ACC_SMEM or rpb > 1)) rpb * 2n floats.
-template <typename T, int VEC, int ITEMS, bool ACC_SMEM>
+template <typename T, int VEC, int ITEMS, bool ACC_SMEM, bool RMS>
 __global__ void __launch_bounds__(kMaxThreads, 1)
     ln_bwd_rows(const T* __restrict__ dy, const T* __restrict__ dh, const T* __restrict__ x,
                 const T* __restrict__ w, const T* __restrict__ b,
@@ -531,7 +589,7 @@ __global__ void __launch_bounds__(kMaxThreads, 1)
     const int64_t row = base + group;
     const bool valid = row < s.m;
     const int64_t r = valid ? row : 0;
-    const float mean = valid ? mean_in[r] : 0.0f;
+    const float mean = (RMS || !valid) ? 0.0f : mean_in[r];
     const float rstd = valid ? rstd_in[r] : 0.0f;
     const T* xr = x + r * s.x_rs;
     const T* dyr = dy + r * s.a_rs;
@@ -550,10 +608,10 @@ __global__ void __launch_bounds__(kMaxThreads, 1)
           if (partials) {
             if constexpr (ACC_SMEM) {
               acc[acc_index(group, 0, k, c, s.n, nchunks)] += g * xh[i][k];
-              acc[acc_index(group, 1, k, c, s.n, nchunks)] += g;
+              if constexpr (!RMS) acc[acc_index(group, 1, k, c, s.n, nchunks)] += g;
             } else {
               acc_w[i][k] += g * xh[i][k];
-              acc_b[i][k] += g;
+              if constexpr (!RMS) acc_b[i][k] += g;
             }
           }
           dxh[i][k] = g * wv[k];
@@ -565,9 +623,15 @@ __global__ void __launch_bounds__(kMaxThreads, 1)
         for (int k = 0; k < VEC; ++k) xh[i][k] = dxh[i][k] = 0.0f;
       }
     }
-    sums = group_sum(sums, tpr, red + parity * kRedSlots);
-    const float c1 = sums.x * s.inv_n;
-    const float c2 = sums.y * s.inv_n;
+    float c1, c2;
+    if constexpr (RMS) {  // one row sum (sums.x is dead code)
+      c1 = 0.0f;
+      c2 = group_sum(sums.y, tpr, reinterpret_cast<float*>(red + parity * kRedSlots)) * s.inv_n;
+    } else {
+      sums = group_sum(sums, tpr, red + parity * kRedSlots);
+      c1 = sums.x * s.inv_n;
+      c2 = sums.y * s.inv_n;
+    }
 
     const T* dhr = dh != nullptr ? dh + r * s.b_rs : nullptr;
     T* dxr = dx + r * s.o_rs;
@@ -612,8 +676,9 @@ __global__ void __launch_bounds__(kMaxThreads, 1)
 // for n up to kBwdSmemAccMaxN), copied to the block's workspace row at the end; else straight
 // in the block's workspace row (global read-modify-write: each column belongs to one thread, so
 // no races, no atomics).
+// RMS: as in ln_bwd_rows.
 // Dynamic smem: 2 * kRedSlots f32x2, then (ACC_SMEM and ws) 2n floats.
-template <typename T, int VEC, bool ACC_SMEM>
+template <typename T, int VEC, bool ACC_SMEM, bool RMS>
 __global__ void __launch_bounds__(kMaxThreads, 1)
     ln_bwd_uncached(const T* __restrict__ dy, const T* __restrict__ dh, const T* __restrict__ x,
                     const T* __restrict__ w, const T* __restrict__ b,
@@ -639,7 +704,7 @@ __global__ void __launch_bounds__(kMaxThreads, 1)
 
   int parity = 0;
   for (int64_t row = blockIdx.x; row < s.m; row += gridDim.x, parity ^= 1) {
-    const float mean = mean_in[row];
+    const float mean = RMS ? 0.0f : mean_in[row];
     const float rstd = rstd_in[row];
     const T* xr = x + row * s.x_rs;
     const T* dyr = dy + row * s.a_rs;
@@ -657,13 +722,19 @@ __global__ void __launch_bounds__(kMaxThreads, 1)
 #pragma unroll
         for (int k = 0; k < VEC; ++k) {
           acc_at(0, c, k) += gv[k] * xv[k];
-          acc_at(1, c, k) += gv[k];
+          if constexpr (!RMS) acc_at(1, c, k) += gv[k];
         }
       }
     }
-    sums = cuda::block_sum(sums, red + parity * kRedSlots);
-    const float c1 = sums.x * s.inv_n;
-    const float c2 = sums.y * s.inv_n;
+    float c1, c2;
+    if constexpr (RMS) {  // one row sum (sums.x is dead code)
+      c1 = 0.0f;
+      c2 = cuda::block_sum(sums.y, reinterpret_cast<float*>(red + parity * kRedSlots)) * s.inv_n;
+    } else {
+      sums = cuda::block_sum(sums, red + parity * kRedSlots);
+      c1 = sums.x * s.inv_n;
+      c2 = sums.y * s.inv_n;
+    }
     const T* dhr = dh != nullptr ? dh + row * s.b_rs : nullptr;
     T* dxr = dx + row * s.o_rs;
     for (int c = t; c < nchunks; c += tpr) {
@@ -887,21 +958,21 @@ template <typename T>
 using BwdKernel = void (*)(const T*, const T*, const T*, const T*, const T*, const float*,
                            const float*, T*, float*, RowShape);
 
-template <typename T, int VEC>
+template <typename T, int VEC, bool RMS>
 FwdKernel<T> fwd_cached_kernel(int e) {
   if constexpr (VEC == 1) {
-    return ln_fwd_cached<T, 1, 8>;
+    return ln_fwd_cached<T, 1, 8, RMS>;
   } else {
     switch (e) {
-      case 8: return ln_fwd_cached<T, VEC, 8 / VEC>;
-      case 16: return ln_fwd_cached<T, VEC, 16 / VEC>;
-      case 24: return ln_fwd_cached<T, VEC, 24 / VEC>;
-      default: return ln_fwd_cached<T, VEC, 32 / VEC>;
+      case 8: return ln_fwd_cached<T, VEC, 8 / VEC, RMS>;
+      case 16: return ln_fwd_cached<T, VEC, 16 / VEC, RMS>;
+      case 24: return ln_fwd_cached<T, VEC, 24 / VEC, RMS>;
+      default: return ln_fwd_cached<T, VEC, 32 / VEC, RMS>;
     }
   }
 }
 
-template <typename T, int VEC>
+template <typename T, int VEC, bool RMS>
 void fwd_launch(const LayerNormFwdArgs& a, RowShape s, cudaStream_t stream) {
   static constexpr const char* kOp = "layer_norm_fwd_cuda";
   const int dev = current_device();
@@ -913,7 +984,7 @@ void fwd_launch(const LayerNormFwdArgs& a, RowShape s, cudaStream_t stream) {
   const int max_cached = VEC > 1 ? kFwdCachedMaxN : kMaxThreads * 8;
   const RowCfg cfg = s.n <= max_cached ? choose_fwd_cfg(s.n, VEC) : RowCfg{};
   if (cfg.e > 0) {
-    kernel = fwd_cached_kernel<T, VEC>(cfg.e);
+    kernel = fwd_cached_kernel<T, VEC, RMS>(cfg.e);
     s.tpr = cfg.tpr;
     s.rpb = cfg.rpb;
     block = cfg.tpr * cfg.rpb;
@@ -921,8 +992,8 @@ void fwd_launch(const LayerNormFwdArgs& a, RowShape s, cudaStream_t stream) {
     smem = 3 * kRedSlots * sizeof(float);
   } else {
     constexpr int kU = std::max(1, 16 / VEC);
-    kernel = a.residual.defined ? ln_fwd_uncached<T, VEC, kU, true>
-                                : ln_fwd_uncached<T, VEC, kU, false>;
+    kernel = a.residual.defined ? ln_fwd_uncached<T, VEC, kU, true, RMS>
+                                : ln_fwd_uncached<T, VEC, kU, false, RMS>;
     s.tpr = block = kFwdUncachedThreads;
     s.rpb = 1;
     rows_per_block = 1;
@@ -943,14 +1014,15 @@ void fwd_impl(const LayerNormFwdArgs& a, cudaStream_t stream) {
   RowShape s = row_shape(a.x, a.residual, a.h, a.y, a.act);
   s.eps = static_cast<float>(a.eps);
   const bool vec = vectorizable(V, s, {&a.x, &a.residual, &a.h, &a.y}, {&a.weight, &a.bias});
+  const bool rms = a.norm == Norm::kRms;
   if (vec) {
-    fwd_launch<T, V>(a, s, stream);
+    rms ? fwd_launch<T, V, true>(a, s, stream) : fwd_launch<T, V, false>(a, s, stream);
   } else {
-    fwd_launch<T, 1>(a, s, stream);
+    rms ? fwd_launch<T, 1, true>(a, s, stream) : fwd_launch<T, 1, false>(a, s, stream);
   }
 }
 
-template <typename T, int VEC>
+template <typename T, int VEC, bool RMS>
 void bwd_launch(const LayerNormBwdArgs& a, RowShape s, int64_t ws_rows, cudaStream_t stream) {
   static constexpr const char* kOp = "layer_norm_bwd_cuda";
   const int dev = current_device();
@@ -964,7 +1036,7 @@ void bwd_launch(const LayerNormBwdArgs& a, RowShape s, int64_t ws_rows, cudaStre
   constexpr bool kAccSmem = VEC == 1;
   constexpr int kE = VEC == 1 ? kBwdScalarE : kBwdVecE;
   if (s.n <= kMaxThreads * kE) {
-    kernel = ln_bwd_rows<T, VEC, kE / VEC, kAccSmem>;
+    kernel = ln_bwd_rows<T, VEC, kE / VEC, kAccSmem, RMS>;
     const RowCfg cfg = choose_bwd_cfg(s.n, VEC, kE);
     s.tpr = cfg.tpr;
     s.rpb = cfg.rpb;
@@ -977,7 +1049,7 @@ void bwd_launch(const LayerNormBwdArgs& a, RowShape s, int64_t ws_rows, cudaStre
     const size_t acc_bytes = 2 * static_cast<size_t>(s.n) * sizeof(float);
     const bool acc_smem = partials && s.n <= kBwdSmemAccMaxN &&
                           smem + acc_bytes <= static_cast<size_t>(max_smem_optin(dev));
-    kernel = acc_smem ? ln_bwd_uncached<T, VEC, true> : ln_bwd_uncached<T, VEC, false>;
+    kernel = acc_smem ? ln_bwd_uncached<T, VEC, true, RMS> : ln_bwd_uncached<T, VEC, false, RMS>;
     if (acc_smem) smem += acc_bytes;
     s.tpr = block = kBwdUncachedThreads;
     s.rpb = 1;
@@ -1006,10 +1078,11 @@ void bwd_impl(const LayerNormBwdArgs& a, int64_t ws_rows, cudaStream_t stream) {
   constexpr int V = cuda::kVec16<T>;
   const RowShape s = row_shape(a.x, a.dy, a.dh, a.dx, a.act);
   const bool vec = vectorizable(V, s, {&a.dy, &a.dh, &a.x, &a.dx}, {&a.weight, &a.bias});
+  const bool rms = a.norm == Norm::kRms;
   if (vec) {
-    bwd_launch<T, V>(a, s, ws_rows, stream);
+    rms ? bwd_launch<T, V, true>(a, s, ws_rows, stream) : bwd_launch<T, V, false>(a, s, ws_rows, stream);
   } else {
-    bwd_launch<T, 1>(a, s, ws_rows, stream);
+    rms ? bwd_launch<T, 1, true>(a, s, ws_rows, stream) : bwd_launch<T, 1, false>(a, s, ws_rows, stream);
   }
 }
 

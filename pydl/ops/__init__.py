@@ -5,5 +5,7 @@ Each op's module (e.g. ``pydl.ops.layer_norm``, importable as
 """
 
 from .layer_norm import add_layer_norm, add_layer_norm_ref, layer_norm, layer_norm_gelu, layer_norm_ref
+from .rms_norm import add_rms_norm, add_rms_norm_ref, rms_norm, rms_norm_ref
 
-__all__ = ["add_layer_norm", "add_layer_norm_ref", "layer_norm", "layer_norm_gelu", "layer_norm_ref"]
+__all__ = ["add_layer_norm", "add_layer_norm_ref", "add_rms_norm", "add_rms_norm_ref", "layer_norm",
+           "layer_norm_gelu", "layer_norm_ref", "rms_norm", "rms_norm_ref"]

@@ -28,6 +28,9 @@ from ._common import EAGER, EAGER_GRAD, cuda_autocast_fp32, differentiable_grads
 
 # Activation codes shared with the kernels (csrc/include/pydl/layer_norm.h, pydl/triton).
 ACT_NONE, ACT_GELU, ACT_GELU_TANH = 0, 1, 2
+# Normalization codes (csrc/include/pydl/layer_norm.h `Norm`): the RMSNorm family
+# (pydl/ops/rms_norm.py) runs on the same kernels with NORM_RMS.
+NORM_LAYER, NORM_RMS = 0, 1
 _ACTIVATION_CODES = {None: ACT_NONE, "gelu": ACT_GELU, "gelu_tanh": ACT_GELU_TANH}
 _APPROXIMATE_CODES = {"none": ACT_GELU, "tanh": ACT_GELU_TANH}
 _GELU_APPROXIMATE = {ACT_GELU: "none", ACT_GELU_TANH: "tanh"}
@@ -84,7 +87,7 @@ def layer_norm_ref(x: Tensor, weight: Optional[Tensor] = None, bias: Optional[Te
                    eps: float = 1e-5, activation: Optional[str] = None) -> Tensor:
     """float64 reference of layer_norm / layer_norm_gelu (activation None, "gelu", "gelu_tanh")."""
     up = lambda t: None if t is None else t.double()  # noqa: E731
-    return _torch_ln(x.double(), up(weight), up(bias), eps, _ACTIVATION_CODES[activation])
+    return _torch_norm(x.double(), up(weight), up(bias), eps, _ACTIVATION_CODES[activation], NORM_LAYER)
 
 
 def add_layer_norm_ref(x: Tensor, residual: Tensor, weight: Optional[Tensor] = None,
@@ -152,17 +155,18 @@ def _device_type(x: Tensor) -> str:
 
 
 def _key(x: Tensor) -> tuple:
-    """The call class the backend choice depends on: (device type, dtype, N above Triton's range)."""
+    """The call class the backend choice depends on: (device type, dtype, N above Triton's range);
+    both norms run on the same kernels."""
     return _device_type(x), x.dtype, x.shape[-1] > TRITON_MAX_N
 
 
 def choose_backend(x: Tensor, backend: Optional[str] = None, op: str = "layer_norm") -> str:
-    """The backend that would run a LayerNorm-family call on ``x``."""
+    """The backend that would run a LayerNorm- or RMSNorm-family call on ``x``."""
     return DISPATCH.choose(_key(x), backend)
 
 
-def _forward(op, x, residual, weight, bias, eps, act, backend):
-    """(y, h) of one LayerNorm-family call; h is None without a residual."""
+def _forward(op, x, residual, weight, bias, eps, act, backend, norm=NORM_LAYER):
+    """(y, h) of one LayerNorm- or RMSNorm-family call; h is None without a residual."""
     _check_args(op, x, residual, weight, bias, eps)
     tensors = (x, residual, weight, bias)
     if x.is_cuda:
@@ -170,18 +174,18 @@ def _forward(op, x, residual, weight, bias, eps, act, backend):
         x, residual, weight, bias = tensors
     name = DISPATCH.choose(_key(x), backend)
     if name == "torch":
-        return _torch_forward(x, residual, weight, bias, eps, act)
+        return _torch_forward(x, residual, weight, bias, eps, act, norm)
     eps = float(eps)
     mode = eager_mode(tensors)
     if mode == EAGER:  # inference: no statistics needed
-        y, h, _ = _FWD[name](x, residual, weight, bias, eps, act, False)
+        y, h, _ = _FWD[name](x, residual, weight, bias, eps, act, norm, False)
         return y, h
     if mode == EAGER_GRAD:
-        return _EagerLayerNorm.apply(x, residual, weight, bias, eps, act, name)
+        return _EagerLayerNorm.apply(x, residual, weight, bias, eps, act, norm, name)
     if _in_functorch_transform():
-        y, h, _ = _FunctorchLayerNorm.apply(x, residual, weight, bias, eps, act, name)
+        y, h, _ = _FunctorchLayerNorm.apply(x, residual, weight, bias, eps, act, norm, name)
     else:  # torch.compile / torch.export / fake tensors / dispatch modes / subclasses
-        y, h, _ = torch.ops.pydl.layer_norm_fwd(x, residual, weight, bias, eps, act, name)
+        y, h, _ = torch.ops.pydl.layer_norm_fwd(x, residual, weight, bias, eps, act, norm, name)
     return y, (h if residual is not None else None)
 
 
@@ -191,14 +195,17 @@ def _in_functorch_transform() -> bool:
 
 # ---- the torch backend: torch's own fused ops, torch's autograd ----------------------------------
 
-def _torch_ln(x, weight, bias, eps, act):
-    y = F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
+def _torch_norm(x, weight, bias, eps, act, norm):
+    if norm == NORM_RMS:
+        y = F.rms_norm(x, (x.shape[-1],), weight, eps)
+    else:
+        y = F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
     return y if act == ACT_NONE else F.gelu(y, approximate=_GELU_APPROXIMATE[act])
 
 
-def _torch_forward(x, residual, weight, bias, eps, act):
+def _torch_forward(x, residual, weight, bias, eps, act, norm):
     h = x + residual if residual is not None else None
-    return _torch_ln(h if h is not None else x, weight, bias, eps, act), h
+    return _torch_norm(h if h is not None else x, weight, bias, eps, act, norm), h
 
 
 # ---- kernel backends: (..., N) tensors in, outputs of x's shape --------------------------------
@@ -253,7 +260,7 @@ def _empty_fwd(x, residual):
     return y, h, x.new_empty((2, m), dtype=_stats_dtype(x.dtype))
 
 
-def _native_fwd(x, residual, weight, bias, eps, act, with_stats=True):
+def _native_fwd(x, residual, weight, bias, eps, act, norm, with_stats=True):
     n = x.shape[-1]
     if x.numel() == 0:
         return _empty_fwd(x, residual)
@@ -281,15 +288,15 @@ def _native_fwd(x, residual, weight, bias, eps, act, with_stats=True):
         with _native.cuda_device(x):
             _native.module().layer_norm_fwd_cuda(
                 m, n, code, x.data_ptr(), x_ld, r_ptr, r_ld, code, w_ptr, b_ptr, y.data_ptr(), h_ptr,
-                mean_ptr, rstd_ptr, eps, act, _native.cuda_stream(x))
+                mean_ptr, rstd_ptr, eps, act, norm, _native.cuda_stream(x))
     else:
         _native.module().layer_norm_fwd_cpu(
             m, n, code, x.data_ptr(), x_ld, r_ptr, r_ld, code, w_ptr, b_ptr, y.data_ptr(), h_ptr,
-            mean_ptr, rstd_ptr, eps, act, torch.get_num_threads())
+            mean_ptr, rstd_ptr, eps, act, norm, torch.get_num_threads())
     return y, h, stats
 
 
-def _native_bwd(dy, dh, x, weight, bias, stats, act, need_dw, need_db):
+def _native_bwd(dy, dh, x, weight, bias, stats, act, norm, need_dw, need_db):
     n = x.shape[-1]
     if x.numel() == 0:
         return _empty_bwd(dh, x, need_dw, need_db)
@@ -305,7 +312,7 @@ def _native_bwd(dy, dh, x, weight, bias, stats, act, need_dw, need_db):
     code = _native.DTYPE_CODES[x.dtype]
     weight, bias = _contiguous(weight), _contiguous(bias)
     args = (m, n, code, dy.data_ptr(), dy_ld, _ptr(dh), dh_ld, x.data_ptr(), x_ld, code, _ptr(weight),
-            _ptr(bias), *_stats_ptrs(stats), dx.data_ptr(), _ptr(dw), _ptr(db), act)
+            _ptr(bias), *_stats_ptrs(stats), dx.data_ptr(), _ptr(dw), _ptr(db), act, norm)
     c = _native.module()
     if x.is_cuda:
         with _native.cuda_device(x):
@@ -333,24 +340,25 @@ def _triton_module():
     return triton_layer_norm
 
 
-def _triton_fwd(x, residual, weight, bias, eps, act, with_stats=True):
+def _triton_fwd(x, residual, weight, bias, eps, act, norm, with_stats=True):
     n = x.shape[-1]
     if x.numel() == 0:
         return _empty_fwd(x, residual)
     shape = x.shape
     y, h, stats = _triton_module().layer_norm_fwd(
-        _matrix(x, n), _matrix(residual, n), _contiguous(weight), _contiguous(bias), eps, act)
+        _matrix(x, n), _matrix(residual, n), _contiguous(weight), _contiguous(bias), eps, act,
+        rms=norm == NORM_RMS)
     return y.view(shape), (h.view(shape) if h is not None else None), stats
 
 
-def _triton_bwd(dy, dh, x, weight, bias, stats, act, need_dw, need_db):
+def _triton_bwd(dy, dh, x, weight, bias, stats, act, norm, need_dw, need_db):
     n = x.shape[-1]
     if x.numel() == 0:
         return _empty_bwd(dh, x, need_dw, need_db)
     stats = stats.contiguous()
     dx, dw, db = _triton_module().layer_norm_bwd(
         _matrix(dy, n), _matrix(dh, n), _matrix(x, n), _contiguous(weight), _contiguous(bias),
-        stats[0], stats[1], act, need_dw, need_db)
+        stats[0], stats[1], act, need_dw, need_db, rms=norm == NORM_RMS)
     return dx.view(x.shape), dw, db
 
 
@@ -367,10 +375,10 @@ _BWD = {"native": _native_bwd, "triton": _triton_bwd}
 # Saved: the normalized input (x, or h = x + residual: an output, so add_layer_norm never keeps
 # x and residual alive), weight, bias and the row statistics.
 
-def _save(ctx, x, residual, weight, bias, eps, act, backend, h, stats):
+def _save(ctx, x, residual, weight, bias, eps, act, norm, backend, h, stats):
     ctx.set_materialize_grads(False)  # an unused output's gradient arrives as None, not zeros
     ctx.has_residual = residual is not None
-    ctx.eps, ctx.act, ctx.backend = eps, act, backend
+    ctx.eps, ctx.act, ctx.norm, ctx.backend = eps, act, norm, backend
     ctx.save_for_backward(h if ctx.has_residual else x, weight, bias, stats)
 
 
@@ -390,15 +398,15 @@ def _grads(ctx, dy, dh, bwd, differentiable: bool) -> tuple:
     if dy is None:  # only h was used downstream: h = x + residual passes its gradient through
         return (dh if need_x else None, dh if need_res else None, None, None)
     if differentiable:
-        act, eps = ctx.act, ctx.eps
-        ref = lambda t, w, b: (_torch_ln(t, w, b, eps, act),)  # noqa: E731
+        act, eps, norm = ctx.act, ctx.eps, ctx.norm
+        ref = lambda t, w, b: (_torch_norm(t, w, b, eps, act, norm),)  # noqa: E731
         dx, dw, db = differentiable_grads(ref, (normalized, weight, bias), (dy,))
         if dx is None:
             dx = torch.zeros_like(normalized)
         if dh is not None:
             dx = dx + dh
     else:
-        dx, dw, db = bwd(dy, dh, normalized, weight, bias, stats, ctx.act, need_w, need_b)
+        dx, dw, db = bwd(dy, dh, normalized, weight, bias, stats, ctx.act, ctx.norm, need_w, need_b)
     return (dx if need_x else None, dx if (need_res and ctx.has_residual) else None,
             dw if need_w else None, db if need_b else None)
 
@@ -408,14 +416,14 @@ class _EagerLayerNorm(torch.autograd.Function):
     ``apply`` costs a fraction of a setup_context-style Function's)."""
 
     @staticmethod
-    def forward(ctx, x, residual, weight, bias, eps, act, backend):
-        y, h, stats = _FWD[backend](x, residual, weight, bias, eps, act)
-        _save(ctx, x, residual, weight, bias, eps, act, backend, h, stats)
+    def forward(ctx, x, residual, weight, bias, eps, act, norm, backend):
+        y, h, stats = _FWD[backend](x, residual, weight, bias, eps, act, norm)
+        _save(ctx, x, residual, weight, bias, eps, act, norm, backend, h, stats)
         return y, h
 
     @staticmethod
     def backward(ctx, dy, dh):
-        return (*_grads(ctx, dy, dh, _BWD[ctx.backend], torch.is_grad_enabled()), None, None, None)
+        return (*_grads(ctx, dy, dh, _BWD[ctx.backend], torch.is_grad_enabled()), None, None, None, None)
 
 
 class _FunctorchLayerNorm(torch.autograd.Function):
@@ -425,8 +433,8 @@ class _FunctorchLayerNorm(torch.autograd.Function):
     generate_vmap_rule = True
 
     @staticmethod
-    def forward(x, residual, weight, bias, eps, act, backend):
-        return torch.ops.pydl.layer_norm_fwd(x, residual, weight, bias, eps, act, backend)
+    def forward(x, residual, weight, bias, eps, act, norm, backend):
+        return torch.ops.pydl.layer_norm_fwd(x, residual, weight, bias, eps, act, norm, backend)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -437,23 +445,23 @@ class _FunctorchLayerNorm(torch.autograd.Function):
         # No grad mode: the backward custom op is not differentiable, and under a grad
         # transform its autograd stub must not see grad-tracking inputs.
         with torch.no_grad():
-            return (*_grads(ctx, dy, dh, _bwd_op(ctx), False), None, None, None)
+            return (*_grads(ctx, dy, dh, _bwd_op(ctx), False), None, None, None, None)
 
 
 # ---- custom ops (the traced path) ----------------------------------------------------------------
 
 @torch.library.custom_op("pydl::layer_norm_fwd", mutates_args=())
 def layer_norm_fwd(x: Tensor, residual: Optional[Tensor], weight: Optional[Tensor],
-                   bias: Optional[Tensor], eps: float, activation: int,
+                   bias: Optional[Tensor], eps: float, activation: int, norm: int,
                    backend: str) -> tuple[Tensor, Tensor, Tensor]:
     """(y, h, stats): y, h of x's shape (h is empty without residual); stats (2, M) mean, rstd."""
     y, h, stats = _kernel_table(_FWD, backend)(x, residual, _contiguous(weight), _contiguous(bias),
-                                               eps, activation)
+                                               eps, activation, norm)
     return y, (h if h is not None else x.new_empty(0)), stats
 
 
 @layer_norm_fwd.register_fake
-def _(x, residual, weight, bias, eps, activation, backend):
+def _(x, residual, weight, bias, eps, activation, norm, backend):
     m = x.numel() // x.shape[-1] if x.shape[-1] else 0
     y = torch.empty_like(x, memory_format=torch.contiguous_format)
     h = torch.empty_like(y) if residual is not None else x.new_empty(0)
@@ -462,18 +470,18 @@ def _(x, residual, weight, bias, eps, activation, backend):
 
 @torch.library.custom_op("pydl::layer_norm_bwd", mutates_args=())
 def layer_norm_bwd(dy: Tensor, dh: Optional[Tensor], x: Tensor, weight: Optional[Tensor],
-                   bias: Optional[Tensor], stats: Tensor, activation: int,
+                   bias: Optional[Tensor], stats: Tensor, activation: int, norm: int,
                    need_weight_grad: bool, need_bias_grad: bool,
                    backend: str) -> tuple[Tensor, Tensor, Tensor]:
     """(dx, dweight, dbias); dweight/dbias are empty when not requested. x is the normalized input."""
     dx, dw, db = _kernel_table(_BWD, backend)(dy, dh, x, _contiguous(weight), _contiguous(bias), stats,
-                                              activation, need_weight_grad, need_bias_grad)
+                                              activation, norm, need_weight_grad, need_bias_grad)
     # Distinct empty tensors: custom op outputs must not alias each other.
     return dx, (dw if dw is not None else x.new_empty(0)), (db if db is not None else x.new_empty(0))
 
 
 @layer_norm_bwd.register_fake
-def _(dy, dh, x, weight, bias, stats, activation, need_weight_grad, need_bias_grad, backend):
+def _(dy, dh, x, weight, bias, stats, activation, norm, need_weight_grad, need_bias_grad, backend):
     n = x.shape[-1]
     dw = x.new_empty(n) if need_weight_grad else x.new_empty(0)
     db = x.new_empty(n) if need_bias_grad else x.new_empty(0)
@@ -488,39 +496,39 @@ def _kernel_table(table: dict, backend: str):
 
 
 def _setup_context(ctx, inputs, output):
-    x, residual, weight, bias, eps, act, backend = inputs
+    x, residual, weight, bias, eps, act, norm, backend = inputs
     _y, h, stats = output
-    _save(ctx, x, residual, weight, bias, eps, act, backend, h, stats)
+    _save(ctx, x, residual, weight, bias, eps, act, norm, backend, h, stats)
 
 
 def _bwd_op(ctx):
-    def bwd(dy, dh, x, weight, bias, stats, act, need_w, need_b):
-        return torch.ops.pydl.layer_norm_bwd(dy, dh, x, weight, bias, stats, act, need_w, need_b,
+    def bwd(dy, dh, x, weight, bias, stats, act, norm, need_w, need_b):
+        return torch.ops.pydl.layer_norm_bwd(dy, dh, x, weight, bias, stats, act, norm, need_w, need_b,
                                              ctx.backend)
     return bwd
 
 
 def _backward(ctx, dy, dh, _dstats):
-    return (*_grads(ctx, dy, dh, _bwd_op(ctx), torch.is_grad_enabled()), None, None, None)
+    return (*_grads(ctx, dy, dh, _bwd_op(ctx), torch.is_grad_enabled()), None, None, None, None)
 
 
 layer_norm_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
 @torch.library.register_vmap("pydl::layer_norm_fwd")
-def _(info, in_dims, x, residual, weight, bias, eps, activation, backend):
+def _(info, in_dims, x, residual, weight, bias, eps, activation, norm, backend):
     x_dim, r_dim, w_dim, b_dim = in_dims[:4]
     if w_dim is None and b_dim is None and x_dim is not None:
         # Row-wise op with shared parameters: the vmapped dim is one more leading dim.
         x = x.movedim(x_dim, 0)
         if residual is not None:
             residual = residual.movedim(r_dim, 0) if r_dim is not None else residual.expand_as(x)
-        y, h, stats = layer_norm_fwd(x, residual, weight, bias, eps, activation, backend)
+        y, h, stats = layer_norm_fwd(x, residual, weight, bias, eps, activation, norm, backend)
         b = info.batch_size
         h = h if residual is not None else h.new_empty((b, 0))
         return (y, h, stats.view(2, b, -1)), (0, 0, 1)
     return vmap_by_loop(layer_norm_fwd, info, in_dims, x, residual, weight, bias, eps, activation,
-                        backend)
+                        norm, backend)
 
 
 @torch.library.register_vmap("pydl::layer_norm_bwd")

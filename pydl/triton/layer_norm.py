@@ -11,6 +11,9 @@ Backward:
     g  = dy * act'(z);  dxhat = g * w
     dx = rstd * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat)) + dh
     dw = sum_rows g * xhat;  db = sum_rows g
+RMSNorm (``rms=True``, the kernels' ``RMS`` constexpr; torch's ``F.rms_norm``): no mean, no bias,
+    xhat = h * rstd,  rstd = 1/sqrt(mean(h^2) + eps)   (the stats' mean row is written as 0)
+    dx = rstd * (dxhat - xhat * mean(dxhat * xhat)) + dh   (one row sum; the mean is not read)
 
 Paths:
   * single tile (next_pow2(N) <= FWD_MAX_TILE / BWD_MAX_TILE): a row lives in registers;
@@ -144,7 +147,7 @@ def _ln_fwd_fused_kernel(
     X, R, H, Y, W, B, MEAN, RSTD,  # X (M, N) row stride stride_x; R stride_r; H, Y (M, N) contiguous
     stride_x, stride_r, M, N, eps,
     HAS_RES: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr, ACT: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SOFT_RNE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SOFT_RNE: tl.constexpr, RMS: tl.constexpr,
 ):
     acc_ty = MEAN.dtype.element_ty
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)  # (BLOCK_M,)
@@ -162,18 +165,23 @@ def _ln_fwd_fused_kernel(
         tl.store(H + rows64[:, None] * N + cols[None, :], x, mask=mask)
     xf = x.to(acc_ty)
 
-    # corrected two-pass (Chan, Golub, LeVeque): the second pass also sums the deviations,
-    # fixing the rounding error of the first mean (matters when |mean| >> std)
-    mean0 = tl.sum(xf, axis=1) / N  # (BLOCK_M,)
-    xc = tl.where(mask, xf - mean0[:, None], 0.0)
-    corr = tl.sum(xc, axis=1) / N
-    var = tl.sum(xc * xc, axis=1) / N - corr * corr
-    var = tl.where(var < 0.0, 0.0, var)  # clamp rounding below 0; NaN passes through
-    rstd = 1.0 / tl.sqrt(var + eps)
-    tl.store(MEAN + rows, mean0 + corr, mask=rmask)
-    tl.store(RSTD + rows, rstd, mask=rmask)
-
-    z = (xc - corr[:, None]) * rstd[:, None]
+    if RMS:  # one reduction: the mean of squares (masked elements are 0)
+        rstd = 1.0 / tl.sqrt(tl.sum(xf * xf, axis=1) / N + eps)  # (BLOCK_M,)
+        tl.store(MEAN + rows, tl.zeros_like(rstd), mask=rmask)
+        tl.store(RSTD + rows, rstd, mask=rmask)
+        z = xf * rstd[:, None]
+    else:
+        # corrected two-pass (Chan, Golub, LeVeque): the second pass also sums the deviations,
+        # fixing the rounding error of the first mean (matters when |mean| >> std)
+        mean0 = tl.sum(xf, axis=1) / N  # (BLOCK_M,)
+        xc = tl.where(mask, xf - mean0[:, None], 0.0)
+        corr = tl.sum(xc, axis=1) / N
+        var = tl.sum(xc * xc, axis=1) / N - corr * corr
+        var = tl.where(var < 0.0, 0.0, var)  # clamp rounding below 0; NaN passes through
+        rstd = 1.0 / tl.sqrt(var + eps)
+        tl.store(MEAN + rows, mean0 + corr, mask=rmask)
+        tl.store(RSTD + rows, rstd, mask=rmask)
+        z = (xc - corr[:, None]) * rstd[:, None]
     if HAS_W:
         w = tl.load(W + cols, mask=cmask, other=0.0).to(acc_ty)
         z = z * w[None, :]
@@ -188,7 +196,7 @@ def _ln_fwd_fused_kernel(
 def _ln_fwd_stats_chunked_kernel(
     X, R, H, MEAN, RSTD,  # one program per row
     stride_x, stride_r, N, eps,
-    HAS_RES: tl.constexpr, BLOCK_N: tl.constexpr, SOFT_RNE: tl.constexpr,
+    HAS_RES: tl.constexpr, BLOCK_N: tl.constexpr, SOFT_RNE: tl.constexpr, RMS: tl.constexpr,
 ):
     acc_ty = MEAN.dtype.element_ty
     row = tl.program_id(0)
@@ -207,19 +215,22 @@ def _ln_fwd_stats_chunked_kernel(
             x = _cast_out(x.to(acc_ty) + r.to(acc_ty), H, SOFT_RNE)
             tl.store(H + row64 * N + c, x, mask=cm)
         xf = x.to(acc_ty)
-        # corrected two-pass stats of this chunk, then Chan et al.'s pairwise combination
-        nb = tl.sum(cm.to(acc_ty), axis=0)
-        mb0 = tl.sum(xf, axis=0) / nb
-        d = tl.where(cm, xf - mb0, 0.0)
-        sd = tl.sum(d, axis=0)
-        mb = mb0 + sd / nb
-        m2b = tl.sum(d * d, axis=0) - sd * sd / nb
-        m2b = tl.where(m2b < 0.0, 0.0, m2b)  # NaN passes through
-        delta = mb - mean
-        tot = cnt + nb
-        mean = mean + delta * (nb / tot)
-        m2 = m2 + m2b + delta * delta * (cnt * nb / tot)
-        cnt = tot
+        if RMS:  # m2 accumulates the sum of squares (masked elements are 0); mean stays 0
+            m2 += tl.sum(xf * xf, axis=0)
+        else:
+            # corrected two-pass stats of this chunk, then Chan et al.'s pairwise combination
+            nb = tl.sum(cm.to(acc_ty), axis=0)
+            mb0 = tl.sum(xf, axis=0) / nb
+            d = tl.where(cm, xf - mb0, 0.0)
+            sd = tl.sum(d, axis=0)
+            mb = mb0 + sd / nb
+            m2b = tl.sum(d * d, axis=0) - sd * sd / nb
+            m2b = tl.where(m2b < 0.0, 0.0, m2b)  # NaN passes through
+            delta = mb - mean
+            tot = cnt + nb
+            mean = mean + delta * (nb / tot)
+            m2 = m2 + m2b + delta * delta * (cnt * nb / tot)
+            cnt = tot
     rstd = 1.0 / tl.sqrt(m2 / N + eps)
     tl.store(MEAN + row, mean)
     tl.store(RSTD + row, rstd)
@@ -230,17 +241,20 @@ def _ln_fwd_apply_chunked_kernel(
     X, Y, W, B, MEAN, RSTD,  # grid (M, cdiv(N, BLOCK_N)); X is h (contiguous) for the add variant
     stride_x, N,
     HAS_W: tl.constexpr, HAS_B: tl.constexpr, ACT: tl.constexpr, BLOCK_N: tl.constexpr,
-    SOFT_RNE: tl.constexpr,
+    SOFT_RNE: tl.constexpr, RMS: tl.constexpr,
 ):
     acc_ty = MEAN.dtype.element_ty
     row = tl.program_id(0)
     row64 = row.to(tl.int64)
     c = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     cm = c < N
-    mean = tl.load(MEAN + row)
     rstd = tl.load(RSTD + row)
     x = tl.load(X + row64 * stride_x + c, mask=cm, other=0.0).to(acc_ty)
-    z = (x - mean) * rstd
+    if RMS:
+        z = x * rstd
+    else:
+        mean = tl.load(MEAN + row)
+        z = (x - mean) * rstd
     if HAS_W:
         z = z * tl.load(W + c, mask=cm, other=0.0).to(acc_ty)
     if HAS_B:
@@ -258,7 +272,7 @@ def _ln_bwd_fused_kernel(
     stride_x, stride_dy, stride_dh, M, N,
     HAS_DH: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr, ACT: tl.constexpr,
     STORE_DW: tl.constexpr, STORE_DB: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SOFT_RNE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SOFT_RNE: tl.constexpr, RMS: tl.constexpr,
 ):
     acc_ty = MEAN.dtype.element_ty
     pid = tl.program_id(0)
@@ -279,9 +293,12 @@ def _ln_bwd_fused_kernel(
         rows64 = rows.to(tl.int64)
         x = tl.load(X + rows64[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(acc_ty)
         dy = tl.load(DY + rows64[:, None] * stride_dy + cols[None, :], mask=mask, other=0.0).to(acc_ty)
-        mean = tl.load(MEAN + rows, mask=rmask, other=0.0)
         rstd = tl.load(RSTD + rows, mask=rmask, other=0.0)
-        xhat = tl.where(mask, (x - mean[:, None]) * rstd[:, None], 0.0)
+        if RMS:
+            xhat = tl.where(mask, x * rstd[:, None], 0.0)
+        else:
+            mean = tl.load(MEAN + rows, mask=rmask, other=0.0)
+            xhat = tl.where(mask, (x - mean[:, None]) * rstd[:, None], 0.0)
         if ACT != 0:
             z = xhat
             if HAS_W:
@@ -296,9 +313,12 @@ def _ln_bwd_fused_kernel(
             dxhat = g * w[None, :]
         else:
             dxhat = g
-        c1 = tl.sum(dxhat, axis=1) / N
         c2 = tl.sum(dxhat * xhat, axis=1) / N
-        dx = rstd[:, None] * (dxhat - c1[:, None] - xhat * c2[:, None])
+        if RMS:
+            dx = rstd[:, None] * (dxhat - xhat * c2[:, None])
+        else:
+            c1 = tl.sum(dxhat, axis=1) / N
+            dx = rstd[:, None] * (dxhat - c1[:, None] - xhat * c2[:, None])
         if HAS_DH:
             dh = tl.load(DH + rows64[:, None] * stride_dh + cols[None, :], mask=mask, other=0.0)
             dx = dx + dh.to(acc_ty)
@@ -318,13 +338,15 @@ def _ln_bwd_rowsums_chunked_kernel(
     X, DY, W, B, MEAN, RSTD, C1, C2,  # one program per row; C1/C2 (M,) = mean(dxhat), mean(dxhat*xhat)
     stride_x, stride_dy, N,
     HAS_W: tl.constexpr, HAS_B: tl.constexpr, ACT: tl.constexpr, BLOCK_N: tl.constexpr,
+    RMS: tl.constexpr,
 ):
     acc_ty = MEAN.dtype.element_ty
     row = tl.program_id(0)
     row64 = row.to(tl.int64)
     cols = tl.arange(0, BLOCK_N)
-    mean = tl.load(MEAN + row)
     rstd = tl.load(RSTD + row)
+    if not RMS:
+        mean = tl.load(MEAN + row)
     s1 = tl.zeros([BLOCK_N], dtype=acc_ty)
     s2 = tl.zeros([BLOCK_N], dtype=acc_ty)
     for start in _range(0, N, BLOCK_N):
@@ -332,7 +354,10 @@ def _ln_bwd_rowsums_chunked_kernel(
         cm = c < N
         x = tl.load(X + row64 * stride_x + c, mask=cm, other=0.0).to(acc_ty)
         dy = tl.load(DY + row64 * stride_dy + c, mask=cm, other=0.0).to(acc_ty)
-        xhat = tl.where(cm, (x - mean) * rstd, 0.0)
+        if RMS:
+            xhat = tl.where(cm, x * rstd, 0.0)
+        else:
+            xhat = tl.where(cm, (x - mean) * rstd, 0.0)
         if HAS_W:
             w = tl.load(W + c, mask=cm, other=0.0).to(acc_ty)
         if ACT != 0:
@@ -349,9 +374,10 @@ def _ln_bwd_rowsums_chunked_kernel(
             dxhat = g * w
         else:
             dxhat = g
-        s1 += dxhat
+        if not RMS:
+            s1 += dxhat
         s2 += dxhat * xhat
-    tl.store(C1 + row, tl.sum(s1, axis=0) / N)
+    tl.store(C1 + row, tl.sum(s1, axis=0) / N)  # RMS: 0 (not read)
     tl.store(C2 + row, tl.sum(s2, axis=0) / N)
 
 
@@ -361,7 +387,7 @@ def _ln_bwd_apply_chunked_kernel(
     stride_x, stride_dy, stride_dh, M, N,
     HAS_DH: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr, ACT: tl.constexpr,
     STORE_DW: tl.constexpr, STORE_DB: tl.constexpr, BLOCK_N: tl.constexpr,
-    SOFT_RNE: tl.constexpr,
+    SOFT_RNE: tl.constexpr, RMS: tl.constexpr,
 ):
     acc_ty = MEAN.dtype.element_ty
     pid = tl.program_id(0)
@@ -376,13 +402,16 @@ def _ln_bwd_apply_chunked_kernel(
     db_acc = tl.zeros([BLOCK_N], dtype=acc_ty)
     # int64 induction variable (row * stride may exceed 2^31); a plain int in the interpreter
     for row64 in _range(pid.to(tl.int64), M, nprog.to(tl.int64)):
-        mean = tl.load(MEAN + row64)
         rstd = tl.load(RSTD + row64)
-        c1 = tl.load(C1 + row64)
         c2 = tl.load(C2 + row64)
         x = tl.load(X + row64 * stride_x + c, mask=cm, other=0.0).to(acc_ty)
         dy = tl.load(DY + row64 * stride_dy + c, mask=cm, other=0.0).to(acc_ty)
-        xhat = tl.where(cm, (x - mean) * rstd, 0.0)
+        if RMS:
+            xhat = tl.where(cm, x * rstd, 0.0)
+        else:
+            mean = tl.load(MEAN + row64)
+            c1 = tl.load(C1 + row64)
+            xhat = tl.where(cm, (x - mean) * rstd, 0.0)
         if ACT != 0:
             z = xhat
             if HAS_W:
@@ -397,7 +426,10 @@ def _ln_bwd_apply_chunked_kernel(
             dxhat = g * w
         else:
             dxhat = g
-        dx = rstd * (dxhat - c1 - xhat * c2)
+        if RMS:
+            dx = rstd * (dxhat - xhat * c2)
+        else:
+            dx = rstd * (dxhat - c1 - xhat * c2)
         if HAS_DH:
             dx = dx + tl.load(DH + row64 * stride_dh + c, mask=cm, other=0.0).to(acc_ty)
         tl.store(DX + row64 * N + c, _cast_out(dx, DX, SOFT_RNE), mask=cm)
@@ -500,14 +532,17 @@ def _row_stride(t) -> int:
     return t.stride(0) if t.shape[0] > 1 else t.shape[1]
 
 
-def layer_norm_fwd(x, residual, weight, bias, eps: float, activation: int):
-    """LayerNorm over the last dim of a (M, N) tensor, with optional residual add and GELU.
+def layer_norm_fwd(x, residual, weight, bias, eps: float, activation: int, rms: bool = False):
+    """LayerNorm (or, with ``rms``, RMSNorm) over the last dim of a (M, N) tensor, with
+    optional residual add and GELU.
 
     x: (M, N), unit last stride, any row stride; residual: same shape or None (own row stride);
-    weight/bias: (N,) contiguous or None; activation: 0 none, 1 gelu (erf), 2 gelu (tanh).
+    weight/bias: (N,) contiguous or None (rms: bias must be None); activation: 0 none, 1 gelu
+    (erf), 2 gelu (tanh).
     Returns (y, h, stats): y (M, N) contiguous x.dtype; h = x + residual rounded to
     x.dtype, contiguous (None without residual); stats (2, M) float32 (float64 for float64
-    x): row 0 the mean, row 1 rstd = 1/sqrt(biased var + eps).
+    x): row 0 the mean (rms: 0), row 1 rstd = 1/sqrt(biased var + eps) (rms:
+    1/sqrt(mean(h^2) + eps)).
     """
     if x.dim() != 2:
         raise ValueError(f"x: expected a 2-D (M, N) tensor, got shape {tuple(x.shape)}")
@@ -516,6 +551,9 @@ def layer_norm_fwd(x, residual, weight, bias, eps: float, activation: int):
         raise ValueError("x: the normalized dim must have size >= 1")
     if activation not in (ACT_NONE, ACT_GELU, ACT_GELU_TANH):
         raise ValueError(f"activation: expected 0, 1 or 2, got {activation!r}")
+    rms = bool(rms)
+    if rms and bias is not None:
+        raise ValueError("bias: rms_norm has no bias")
     _check_rows(x, "x", M, N)
     if residual is not None:
         _check_rows(residual, "residual", M, N)
@@ -546,31 +584,32 @@ def layer_norm_fwd(x, residual, weight, bias, eps: float, activation: int):
             _ln_fwd_fused_kernel[grid](
                 x, r, hh, y, w, b, mean, rstd, sx, sr, M, N, float(eps),
                 HAS_RES=has_res, HAS_W=weight is not None, HAS_B=bias is not None,
-                ACT=activation, BLOCK_M=block_m, BLOCK_N=block_n, SOFT_RNE=soft_rne,
+                ACT=activation, BLOCK_M=block_m, BLOCK_N=block_n, SOFT_RNE=soft_rne, RMS=rms,
                 num_warps=nw,
             )
         else:
             chunk, nw = _fwd_chunk_config()
             _ln_fwd_stats_chunked_kernel[(M,)](
                 x, r, hh, mean, rstd, sx, sr, N, float(eps),
-                HAS_RES=has_res, BLOCK_N=chunk, SOFT_RNE=soft_rne, num_warps=nw,
+                HAS_RES=has_res, BLOCK_N=chunk, SOFT_RNE=soft_rne, RMS=rms, num_warps=nw,
             )
             src, s_src = (h, N) if has_res else (x, sx)
             _ln_fwd_apply_chunked_kernel[(M, triton.cdiv(N, chunk))](
                 src, y, w, b, mean, rstd, s_src, N,
                 HAS_W=weight is not None, HAS_B=bias is not None, ACT=activation,
-                BLOCK_N=chunk, SOFT_RNE=soft_rne, num_warps=nw,
+                BLOCK_N=chunk, SOFT_RNE=soft_rne, RMS=rms, num_warps=nw,
             )
     return y, h, stats
 
 
 def layer_norm_bwd(dy, dh, x, weight, bias, mean, rstd, activation: int,
-                   need_weight_grad: bool, need_bias_grad: bool):
-    """Backward of :func:`layer_norm_fwd`.
+                   need_weight_grad: bool, need_bias_grad: bool, rms: bool = False):
+    """Backward of :func:`layer_norm_fwd` (``rms`` as there).
 
     dy: (M, N) grad of y (any row stride, unit last stride); dh: grad of h or None;
     x: the normalized input (h for the add variant); weight/bias as in forward (bias is
-    needed to recompute the activation input); mean/rstd from the forward.
+    needed to recompute the activation input; rms: None); mean/rstd from the forward (rms: the
+    mean is not read).
     Returns (dx, dweight or None, dbias or None): dx (M, N) contiguous x.dtype, including
     + dh; dweight/dbias (N,) in weight/bias dtype, only when that parameter exists and its
     grad is requested.
@@ -582,6 +621,9 @@ def layer_norm_bwd(dy, dh, x, weight, bias, mean, rstd, activation: int,
         raise ValueError("x: the normalized dim must have size >= 1")
     if activation not in (ACT_NONE, ACT_GELU, ACT_GELU_TANH):
         raise ValueError(f"activation: expected 0, 1 or 2, got {activation!r}")
+    rms = bool(rms)
+    if rms and bias is not None:
+        raise ValueError("bias: rms_norm has no bias")
     _check_rows(x, "x", M, N)
     _check_rows(dy, "dy", M, N)
     if dh is not None:
@@ -611,7 +653,8 @@ def layer_norm_bwd(dy, dh, x, weight, bias, mean, rstd, activation: int,
     sx, sdy, sdh = _row_stride(x), _row_stride(dy), _row_stride(dhh)
     sm = _sm_count(x)
     flags = dict(HAS_DH=has_dh, HAS_W=weight is not None, HAS_B=bias is not None,
-                 ACT=activation, STORE_DW=store_dw, STORE_DB=store_db, SOFT_RNE=not x.is_cuda)
+                 ACT=activation, STORE_DW=store_dw, STORE_DB=store_db, SOFT_RNE=not x.is_cuda,
+                 RMS=rms)
     tile = _bwd_tile_config(M, N)
     with _device_ctx(x):
         if tile is not None:
@@ -636,7 +679,7 @@ def layer_norm_bwd(dy, dh, x, weight, bias, mean, rstd, activation: int,
             _ln_bwd_rowsums_chunked_kernel[(M,)](
                 x, dy, w, b, mean, rstd, c1, c2, sx, sdy, N,
                 HAS_W=weight is not None, HAS_B=bias is not None, ACT=activation,
-                BLOCK_N=chunk, num_warps=nw,
+                BLOCK_N=chunk, RMS=rms, num_warps=nw,
             )
             if sm is None:
                 progs = _CPU_PROGRAMS

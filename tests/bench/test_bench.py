@@ -106,6 +106,10 @@ def test_byte_formulas():
     assert ln_suite.bytes_moved("layer_norm", "bwd", M, N, e) == 3 * M * N * e + 2 * M * s + 3 * N * e
     assert ln_suite.bytes_moved("layer_norm_gelu", "bwd", M, N, e) == 3 * M * N * e + 2 * M * s + 4 * N * e
     assert ln_suite.bytes_moved("add_layer_norm", "bwd", M, N, e) == 4 * M * N * e + 2 * M * s + 3 * N * e
+    assert ln_suite.bytes_moved("rms_norm", "fwd", M, N, e) == 2 * M * N * e + N * e
+    assert ln_suite.bytes_moved("add_rms_norm", "fwd", M, N, e) == 4 * M * N * e + N * e
+    assert ln_suite.bytes_moved("rms_norm", "bwd", M, N, e) == 3 * M * N * e + 2 * M * s + 2 * N * e
+    assert ln_suite.bytes_moved("add_rms_norm", "bwd", M, N, e) == 4 * M * N * e + 2 * M * s + 2 * N * e
     for op in ln_suite.OPS:
         fb = ln_suite.bytes_moved(op, "fwd+bwd", M, N, e)
         assert fb == (ln_suite.bytes_moved(op, "fwd", M, N, e) + ln_suite.bytes_moved(op, "bwd", M, N, e)
@@ -423,7 +427,7 @@ def test_cli_smoke_end_to_end(tmp_path):
     ceil = [r for r in rows if r["op"] == report.CEILING_OP]
     body = [r for r in rows if r["op"] != report.CEILING_OP]
     assert len(ceil) == 2
-    assert len(body) == 3 * 2 * 3 * 3                     # ops x shapes x modes x providers
+    assert len(body) == len(ln_suite.OPS) * 2 * 3 * 3         # ops x shapes x modes x providers
     assert {r["op"] for r in body} == set(ln_suite.OPS)
     assert {r["mode"] for r in body} == {"fwd", "bwd", "fwd+bwd"}
     for r in body:

@@ -5,6 +5,7 @@
 
 #include <chrono>
 #include <cmath>
+#include <stdexcept>
 #include <cstdio>
 #include <cstring>
 #include <functional>
@@ -100,13 +101,16 @@ struct Report {
 std::mt19937 rng(1234);
 // x ~ N(g_x_mean, g_x_sd) in test_fwd; sd 0 gives constant rows.
 static float g_x_mean = 0.3f, g_x_sd = 1.5f;
+// RMSNorm (Norm::kRms) instead of LayerNorm in test_fwd / test_bwd (callers pass no bias).
+static bool g_rms = false;
 float rnd(float mean = 0.0f, float sd = 1.0f) {
   if (sd == 0.0f) return mean; std::normal_distribution<float> d(mean, sd); return d(rng); }
 
 template <typename T>
 void test_fwd(int64_t M, int64_t N, bool res, bool hw, bool hb, int act, int pad, int mis, int out_mis = 0) {
   char nm[256];
-  std::snprintf(nm, sizeof nm, "fwd %s M=%ld N=%ld res=%d w=%d b=%d act=%d pad=%d mis=%d omis=%d", tname<T>(), (long)M, (long)N, res, hw, hb, act, pad, mis, out_mis);
+  std::snprintf(nm, sizeof nm, "%s %s M=%ld N=%ld res=%d w=%d b=%d act=%d pad=%d mis=%d omis=%d", g_rms ? "rms fwd" : "fwd", tname<T>(), (long)M, (long)N, res, hw, hb, act, pad, mis, out_mis);
+  if (g_rms) hb = false;
   Report rep{nm};
   if (std::getenv("EMU_VERBOSE")) { static auto t0 = std::chrono::steady_clock::now(); std::fprintf(stderr, "%.2f %s\n", std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count(), nm); }
   Buf<T> x(M, N, N + pad, mis), r(M, N, N + 2 * pad, mis), y(M, N, N, out_mis), h(M, N, N, out_mis), w(1, N, N, 0), b(1, N, N, 0);
@@ -123,6 +127,7 @@ void test_fwd(int64_t M, int64_t N, bool res, bool hw, bool hb, int act, int pad
   a.rstd = fview1(rstd.data(), M);
   a.eps = 1e-5;
   a.act = static_cast<Activation>(act);
+  a.norm = g_rms ? Norm::kRms : Norm::kLayer;
   layer_norm_fwd_cuda(a, nullptr);
   for (int64_t i = 0; i < M; ++i) {
     std::vector<double> hv(N);
@@ -137,6 +142,10 @@ void test_fwd(int64_t M, int64_t N, bool res, bool hw, bool hb, int act, int pad
     }
     double mu = 0; for (double v : hv) mu += v; mu /= N;
     double var = 0; for (double v : hv) var += (v - mu) * (v - mu); var /= N;
+    if (g_rms) {  // xhat = h * rstd, rstd = 1 / sqrt(mean(h^2) + eps); the mean row is 0
+      mu = 0; var = 0; for (double v : hv) var += v * v; var /= N;
+      rep.check(mean[i] == 0.0f, "rms mean row " + std::to_string(i) + " not 0: " + std::to_string(mean[i]), 0);
+    }
     const double rs = 1 / std::sqrt(var + 1e-5);
     rep.check(close(mean[i], mu, 1e-6, 1e-5), "mean row " + std::to_string(i) + " got " + std::to_string(mean[i]) + " ref " + std::to_string(mu), std::fabs(mean[i] - mu));
     rep.check(close(rstd[i], rs, 0, 1e-5), "rstd row " + std::to_string(i) + " got " + std::to_string(rstd[i]) + " ref " + std::to_string(rs), std::fabs(rstd[i] - rs) / rs);
@@ -158,7 +167,7 @@ void test_fwd(int64_t M, int64_t N, bool res, bool hw, bool hb, int act, int pad
 template <typename T>
 void test_bwd(int64_t M, int64_t N, bool hdh, bool hw, bool hb, bool want_dw, bool want_db, int act, int pad, int mis, int64_t ws_rows = -1) {
   char nm[256];
-  std::snprintf(nm, sizeof nm, "bwd %s M=%ld N=%ld dh=%d w=%d b=%d dw=%d db=%d act=%d pad=%d mis=%d ws=%ld", tname<T>(), (long)M, (long)N, hdh, hw, hb, want_dw, want_db, act, pad, mis, (long)ws_rows);
+  std::snprintf(nm, sizeof nm, "%s %s M=%ld N=%ld dh=%d w=%d b=%d dw=%d db=%d act=%d pad=%d mis=%d ws=%ld", g_rms ? "rms bwd" : "bwd", tname<T>(), (long)M, (long)N, hdh, hw, hb, want_dw, want_db, act, pad, mis, (long)ws_rows);
   Report rep{nm};
   if (std::getenv("EMU_VERBOSE")) { static auto t0 = std::chrono::steady_clock::now(); std::fprintf(stderr, "%.2f %s\n", std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count(), nm); }
   Buf<T> x(M, N, N + pad, mis), dy(M, N, N + 3 * pad, mis), dh(M, N, N + pad, mis), dx(M, N, N, 0), w(1, N, N, 0), b(1, N, N, 0), dw(1, N, N, 0), db(1, N, N, 0);
@@ -168,20 +177,25 @@ void test_bwd(int64_t M, int64_t N, bool hdh, bool hw, bool hb, bool want_dw, bo
   for (int64_t i = 0; i < M; ++i) {
     double mu = 0; for (int64_t j = 0; j < N; ++j) mu += tf(x.at(i, j)); mu /= N;
     double var = 0; for (int64_t j = 0; j < N; ++j) var += (tf(x.at(i, j)) - mu) * (tf(x.at(i, j)) - mu); var /= N;
+    if (g_rms) { mu = 0; var = 0; for (int64_t j = 0; j < N; ++j) var += (double)tf(x.at(i, j)) * tf(x.at(i, j)); var /= N; }
     mean[i] = static_cast<float>(mu); rstd[i] = static_cast<float>(1 / std::sqrt(var + 1e-5));
   }
+  // RMS: the mean row (0 from the forward) is never read: pass garbage.
+  if (g_rms) for (int64_t i = 0; i < M; ++i) mean[i] = 123.0f;
   const int64_t P = ws_rows > 0 ? ws_rows : layer_norm_bwd_cuda_num_partials(M, N);
   std::vector<float> ws(P * 2 * N + 16, std::nanf(""));
   LayerNormBwdArgs a;
   a.dy = dy.view2(); if (hdh) a.dh = dh.view2(); a.x = x.view2();
   if (hw) a.weight = w.view1();
   if (hb) a.bias = b.view1();
-  a.mean = fview1(mean.data(), M); a.rstd = fview1(rstd.data(), M);
+  a.mean = fview1(mean.data(), M);
+  a.rstd = fview1(rstd.data(), M);
   a.dx = dx.view2();
   if (want_dw) a.dweight = dw.view1();
   if (want_db) a.dbias = db.view1();
   if (want_dw || want_db) { a.workspace.data = ws.data(); a.workspace.dtype = DType::kFloat32; a.workspace.ndim = 2; a.workspace.sizes[0] = P; a.workspace.sizes[1] = 2 * N; a.workspace.strides[0] = 2 * N; a.workspace.strides[1] = 1; a.workspace.defined = true; }
   a.act = static_cast<Activation>(act);
+  a.norm = g_rms ? Norm::kRms : Norm::kLayer;
   for (int64_t j = 0; j < N; ++j) { dw.at(0, j) = ff<T>(12345.f); db.at(0, j) = ff<T>(12345.f); }
   layer_norm_bwd_cuda(a, nullptr);
   std::vector<double> rdw(N, 0), rdb(N, 0), absw(N, 0);
@@ -189,7 +203,7 @@ void test_bwd(int64_t M, int64_t N, bool hdh, bool hw, bool hb, bool want_dw, bo
     std::vector<double> xh(N), g(N), dxh(N);
     double c1 = 0, c2 = 0;
     for (int64_t j = 0; j < N; ++j) {
-      xh[j] = ((double)tf(x.at(i, j)) - mean[i]) * rstd[i];
+      xh[j] = ((double)tf(x.at(i, j)) - (g_rms ? 0.0 : mean[i])) * rstd[i];
       const double wj = hw ? tf(w.at(0, j)) : 1.0, bj = hb ? tf(b.at(0, j)) : 0.0;
       g[j] = tf(dy.at(i, j)) * actg_ref(xh[j] * wj + bj, act);
       dxh[j] = g[j] * wj;
@@ -197,6 +211,7 @@ void test_bwd(int64_t M, int64_t N, bool hdh, bool hw, bool hb, bool want_dw, bo
       rdw[j] += g[j] * xh[j]; rdb[j] += g[j]; absw[j] += std::fabs(g[j] * xh[j]) + std::fabs(g[j]) + (act ? 0.3 * std::fabs(tf(dy.at(i, j))) * (1 + std::fabs(xh[j])) : 0.0);  // fp32 act' error ~1e-6 abs
     }
     c1 /= N; c2 /= N;
+    if (g_rms) c1 = 0;
     double scale = 0;
     for (int64_t j = 0; j < N; ++j) scale = std::max(scale, std::fabs(rstd[i] * dxh[j]));
     for (int64_t j = 0; j < N; ++j) {
@@ -217,6 +232,87 @@ void test_bwd(int64_t M, int64_t N, bool hdh, bool hw, bool hb, bool want_dw, bo
   layer_norm_bwd_cuda(a, nullptr);
   rep.check(dx1 == dx.raw && dw1 == dw.raw && db1 == db.raw, "not deterministic", 0);
   rep.done();
+}
+
+// RMSNorm argument checks: a bias, an unknown norm code -> invalid_argument naming the problem.
+void test_rms_validation() {
+  Report rep{"rms validation"};
+  Buf<float> x(2, 8, 8, 0), y(2, 8, 8, 0), w(1, 8, 8, 0), b(1, 8, 8, 0), dx(2, 8, 8, 0);
+  std::vector<float> mean(2), rstd(2, 1.0f);
+  auto expect = [&](const std::function<void()>& f, const char* what, const char* needle) {
+    std::string msg = "no exception";
+    try { f(); } catch (const std::invalid_argument& e) { msg = e.what(); } catch (const std::exception& e) { msg = std::string("wrong type: ") + e.what(); }
+    rep.check(msg.find(needle) != std::string::npos, std::string(what) + ": " + msg, 0);
+  };
+  auto fwd = [&](Norm norm, bool bias) {
+    LayerNormFwdArgs a; a.x = x.view2(); a.y = y.view2(); a.weight = w.view1();
+    if (bias) a.bias = b.view1();
+    a.mean = fview1(mean.data(), 2); a.rstd = fview1(rstd.data(), 2); a.norm = norm;
+    layer_norm_fwd_cuda(a, nullptr);
+  };
+  auto bwd = [&](Norm norm, bool bias) {
+    LayerNormBwdArgs a; a.dy = x.view2(); a.x = x.view2(); a.dx = dx.view2(); a.weight = w.view1();
+    if (bias) a.bias = b.view1();
+    a.mean = fview1(mean.data(), 2); a.rstd = fview1(rstd.data(), 2); a.norm = norm;
+    layer_norm_bwd_cuda(a, nullptr);
+  };
+  expect([&] { fwd(Norm::kRms, true); }, "fwd rms + bias", "rms_norm has no bias");
+  expect([&] { bwd(Norm::kRms, true); }, "bwd rms + bias", "rms_norm has no bias");
+  expect([&] { fwd(static_cast<Norm>(2), false); }, "fwd norm 2", "unknown norm code 2");
+  expect([&] { bwd(static_cast<Norm>(-1), false); }, "bwd norm -1", "unknown norm code -1");
+  expect([&] { LayerNormBwdArgs a; a.dy = x.view2(); a.x = x.view2(); a.dx = dx.view2(); a.rstd = fview1(rstd.data(), 2); a.norm = Norm::kRms; layer_norm_bwd_cuda(a, nullptr); },
+         "bwd rms without mean", "mean is required");
+  rep.done();
+}
+
+// RMSNorm through the same kernels: every kernel (cached / uncached forward, rows / uncached
+// backward), both VEC paths, with and without residual / dh / weight, grid-stride loops over
+// row groups wider than a warp (the forward's single reduction alternates its slots).
+void run_rms(bool quick) {
+  test_rms_validation();
+  g_rms = true;
+  auto fwd_all = [&](int64_t M, int64_t N, int act, int pad, int mis) {
+    test_fwd<float>(M, N, true, true, false, act, pad, mis);
+    test_fwd<__nv_bfloat16>(M, N, false, true, false, act, pad, mis);
+    test_fwd<__half>(M, N, true, false, false, act, pad, mis);
+    test_fwd<__nv_bfloat16>(M, N, true, true, false, act, pad, mis);
+  };
+  auto bwd_all = [&](int64_t M, int64_t N, int act, int pad, int mis) {
+    test_bwd<float>(M, N, true, true, false, true, false, act, pad, mis);
+    test_bwd<__nv_bfloat16>(M, N, false, true, false, true, false, act, pad, mis);
+    test_bwd<__half>(M, N, true, true, false, false, false, act, pad, mis);
+    test_bwd<__nv_bfloat16>(M, N, true, false, false, false, false, act, pad, mis);
+    test_bwd<float>(M - 1, N, false, false, false, false, false, act, pad, mis);
+  };
+  for (int64_t N : {1, 7, 8, 97, 384, 1000, 1024, 1025, 2048}) {
+    fwd_all(5, N, N % 3, N % 2 ? 8 : 0, 0);
+    fwd_all(6, N, 2, 3, 1);  // odd row stride, misaligned: scalar path
+    bwd_all(7, N, (N + 1) % 3, N % 2 ? 0 : 8, 0);
+    bwd_all(6, N, 1, 3, 1);
+  }
+  // grid-stride loops: more row groups than one pass of the emulated grid, TPR > 32
+  test_fwd<__nv_bfloat16>(20, 2048, true, true, false, 0, 0, 0);
+  test_fwd<float>(20, 2048, false, true, false, 2, 0, 0);
+  test_fwd<float>(37, 64, true, true, false, 0, 0, 0);
+  test_bwd<__nv_bfloat16>(40, 2048, true, true, false, true, false, 0, 0, 0);
+  test_bwd<float>(33, 1000, true, true, false, true, false, 1, 0, 0, 2);
+  // long rows: ln_fwd_uncached (vector N > 32768, scalar N > 8192), ln_bwd_uncached (vector
+  // N > 8192 with dw in shared memory up to 16384 and in the workspace beyond; scalar N > 4096)
+  test_fwd<float>(5, 32776, true, true, false, 1, 0, 0);
+  test_fwd<__nv_bfloat16>(2, 32776, false, true, false, 0, 0, 0);
+  test_fwd<__half>(2, 8193, true, true, false, 2, 0, 0);
+  test_fwd<__nv_bfloat16>(3, 9000, false, false, false, 0, 0, 1);
+  test_bwd<__nv_bfloat16>(3, 8200, true, true, false, true, false, 0, 0, 0);
+  test_bwd<float>(2, 16392, false, true, false, true, false, 2, 0, 0);
+  test_bwd<__half>(3, 4097, true, true, false, true, false, 1, 0, 0);
+  test_bwd<float>(2, 5000, false, false, false, false, false, 0, 1, 1);
+  if (!quick) {
+    for (int64_t N : {4096, 8192, 12288, 16384, 24576, 32768}) { fwd_all(3, N, N % 3, 0, 0); fwd_all(3, N, 1, 1, 0); }
+    for (int64_t N : {4104, 8192, 12288, 16392, 40000}) { bwd_all(3, N, N % 3, 0, 0); bwd_all(3, N, 2, 5, 3); }
+    test_fwd<__nv_bfloat16>(2, 65544, true, true, false, 1, 0, 0);
+    test_bwd<__nv_bfloat16>(2, 65544, true, true, false, true, false, 1, 0, 0);
+  }
+  g_rms = false;
 }
 
 int main(int argc, char** argv) {
@@ -297,6 +393,7 @@ int main(int argc, char** argv) {
       test_bwd<__nv_bfloat16>(0, 64, false, true, true, true, true, 0, 0, 0, 1);  // M = 0 -> zeros
     }
   }
+  if (which == "rms" || which == "all" || quick) run_rms(which != "all");  // "rms": the quick RMS set
   std::printf("%d checks, %d failing tests, %ld launches\n", g_checks, g_fail, (long)pydl_emulation::g_launches.load());
   return g_fail ? 1 : 0;
 }

@@ -1,7 +1,8 @@
-"""The LayerNorm family's test cases, shared by tests/ops/test_layer_norm*.py (not collected).
+"""The LayerNorm and RMSNorm families' test cases, shared by tests/ops/test_layer_norm*.py
+(not collected): the two families run on one set of kernels, so every test covers both.
 
 * :data:`VARIANTS`: layer_norm, layer_norm_gelu (erf / tanh), add_layer_norm (no activation,
-  erf, tanh), each a :class:`Variant`;
+  erf, tanh), rms_norm, add_rms_norm, each a :class:`Variant` (RMS variants never get a bias);
 * :func:`run_pydl` / :func:`run_ref` / :func:`run_torch`: one variant through the public
   op, the float64 reference (pydl.ops.layer_norm's *_ref) and torch's unfused composition;
 * :class:`Case` / :func:`make_case`: one call's inputs (x, residual, weight, bias) in any layout;
@@ -33,12 +34,16 @@ ln_mod = importlib.import_module("pydl.ops.layer_norm")  # the module (ops.layer
 
 @dataclass(frozen=True)
 class Variant:
-    op: str              # "layer_norm" | "layer_norm_gelu" | "add_layer_norm"
+    op: str              # "layer_norm" | "layer_norm_gelu" | "add_layer_norm" | "rms_norm" | "add_rms_norm"
     act: Optional[str]   # the reference's activation: None | "gelu" | "gelu_tanh"
 
     @property
     def has_residual(self) -> bool:
-        return self.op == "add_layer_norm"
+        return self.op.startswith("add_")
+
+    @property
+    def rms(self) -> bool:
+        return "rms" in self.op
 
     @property
     def id(self) -> str:
@@ -52,9 +57,11 @@ VARIANTS = [
     Variant("add_layer_norm", None),
     Variant("add_layer_norm", "gelu"),
     Variant("add_layer_norm", "gelu_tanh"),
+    Variant("rms_norm", None),
+    Variant("add_rms_norm", None),
 ]
 VIDS = [v.id for v in VARIANTS]
-LN, LN_GELU, LN_GELU_TANH, ADD_LN, ADD_LN_GELU, ADD_LN_GELU_TANH = VARIANTS
+LN, LN_GELU, LN_GELU_TANH, ADD_LN, ADD_LN_GELU, ADD_LN_GELU_TANH, RMS, ADD_RMS = VARIANTS
 APPROXIMATE = {"gelu": "none", "gelu_tanh": "tanh"}  # reference activation -> F.gelu's approximate
 
 
@@ -74,7 +81,12 @@ def run_pydl(v: Variant, x, residual, weight, bias, eps=1e-5, backend=None) -> t
         return (ops.layer_norm(x, weight, bias, eps, backend=backend),)
     if v.op == "layer_norm_gelu":
         return (ops.layer_norm_gelu(x, weight, bias, eps, APPROXIMATE[v.act], backend=backend),)
-    out = ops.add_layer_norm(x, residual, weight, bias, eps, v.act, backend=backend)
+    if v.op == "rms_norm":
+        return (ops.rms_norm(x, weight, eps, backend=backend),)
+    if v.op == "add_rms_norm":
+        out = ops.add_rms_norm(x, residual, weight, eps, backend=backend)
+    else:
+        out = ops.add_layer_norm(x, residual, weight, bias, eps, v.act, backend=backend)
     assert isinstance(out, tuple) and len(out) == 2, f"add_layer_norm must return (y, h), got {type(out)}"
     return out
 
@@ -86,19 +98,24 @@ def run_ref(v: Variant, x, residual, weight, bias, eps=1e-5, h_dtype=None) -> tu
     op (and the unfused torch code) does, with a straight-through gradient; the returned h is
     the exact sum. Without it: pydl's add_layer_norm_ref (exact h throughout).
     """
+    norm = ((lambda t: ops.rms_norm_ref(t, weight, eps)) if v.rms else
+            (lambda t: ln_mod.layer_norm_ref(t, weight, bias, eps, v.act)))
     if v.has_residual:
+        h = x.double() + residual.double()
         if h_dtype is None or h_dtype == torch.float64:
-            return tuple(ln_mod.add_layer_norm_ref(x, residual, weight, bias, eps, v.act))
-        h = x + residual
+            return norm(h), h
         rounded = (x.detach().to(h_dtype) + residual.detach().to(h_dtype)).to(torch.float64)
         h_used = h + (rounded - h).detach()
-        return ln_mod.layer_norm_ref(h_used, weight, bias, eps, v.act), h
-    return (ln_mod.layer_norm_ref(x, weight, bias, eps, v.act),)
+        return norm(h_used), h
+    return (norm(x),)
 
 
 def run_torch(v: Variant, x, residual, weight, bias, eps=1e-5) -> tuple:
     """torch's own unfused composition, in the inputs' dtype (the low-precision yardstick)."""
     h = x + residual if v.has_residual else x
+    if v.rms:
+        y = F.rms_norm(h, (h.shape[-1],), weight, eps)
+        return (y, h) if v.has_residual else (y,)
     y = F.layer_norm(h, (h.shape[-1],), weight, bias, eps)
     if v.act is not None:
         y = F.gelu(y, approximate=APPROXIMATE[v.act])
@@ -123,8 +140,10 @@ class Case(TensorCase):
 
 def make_case(v: Variant, shape, dtype, device, *, weight=True, bias=True, layout="contiguous",
               scale=1.0, offset=0.0, requires_grad=True) -> Case:
-    """Random inputs of ``v``: x (and residual) of ``shape`` in ``layout``, weight ~ 1 + randn."""
+    """Random inputs of ``v``: x (and residual) of ``shape`` in ``layout``, weight ~ 1 + randn;
+    never a bias for the RMSNorm family."""
     n = shape[-1]
+    bias = bias and not v.rms
     playout = param_layout(layout)
     x = make_input(shape, dtype, device, layout, scale=scale, offset=offset, requires_grad=requires_grad)
     r = (make_input(shape, dtype, device, layout, scale=scale, requires_grad=requires_grad)
@@ -203,7 +222,8 @@ def _dx_scale(v, c64: Case, gouts, eps) -> float:
         h = c64.x + c64.residual if v.has_residual else c64.x
         if h.numel() == 0:
             return 0.0
-        rstd = torch.rsqrt(h.var(-1, correction=0) + eps).max().item()
+        spread = h.square().mean(-1) if v.rms else h.var(-1, correction=0)
+        rstd = torch.rsqrt(spread + eps).max().item()
         w = 1.0 if c64.weight is None else max(1.0, c64.weight.abs().max().item())
         gy = 0.0 if gouts[0] is None else gouts[0].abs().max().item()
         gh = 0.0 if len(gouts) < 2 or gouts[1] is None else gouts[1].abs().max().item()

@@ -19,6 +19,7 @@ bfloat16 input is its float32 layer norm of the same (exactly representable) val
 from __future__ import annotations
 
 import importlib
+import inspect
 
 import pytest
 import torch
@@ -56,8 +57,13 @@ def _rows(kind: str, m: int, n: int, g: torch.Generator) -> torch.Tensor:
 CONSTANTS = [0.0, 1.0, -3.7, 1000.1, 1.0 + 2.0**-23, 1e30, -1e-30, 2.0**100 * 3]
 
 
+# The kernel entry point (x, residual, weight, bias, eps, act[, norm], with_stats) -> (y, h, stats);
+# `norm` (0 = LayerNorm) exists once the kernels also serve RMSNorm.
+_NORM_KW = {"norm": 0} if "norm" in inspect.signature(_ln._native_fwd).parameters else {}
+
+
 def _native(x, residual, w, b, act):
-    y, h, stats = _ln._native_fwd(x, residual, w, b, EPS, act, True)
+    y, h, stats = _ln._native_fwd(x, residual, w, b, EPS, act, with_stats=True, **_NORM_KW)
     return y, h, stats
 
 
@@ -119,14 +125,18 @@ def _check(x, residual, w, b, act, dtype):
     _assert_within("rstd", _row_err(rstd, ref_rstd) / ref_rstd, _row_err(t_rstd, ref_rstd) / ref_rstd,
                    torch.full_like(ref_rstd, 4 * ULP32))
     scale = ref_y.abs().amax(-1) + 1.0
+    # Storing the mean in float32 alone moves y by up to half an ulp of |mean| times rstd * |w|
+    # (0.5 for 1e4 + N(0, 1)): which way each row's rounding falls is luck, torch's included.
+    w_max = 1.0 if w is None else float(w.float().abs().max())
+    mean_rounding = 2 * ULP32 * ref_mean.abs() * ref_rstd * w_max
     if dtype == BF16:
         # y is rounded to bfloat16 (torch's bfloat16 output is too: compare its rounding of the
         # float32 result); the floor is one bfloat16 rounding.
         err_t = _row_err(t_y.to(BF16), ref_y)
-        floor = 2 * ULP16 * scale
+        floor = 2 * ULP16 * scale + mean_rounding
     else:
         err_t = _row_err(t_y, ref_y)
-        floor = 8 * ULP32 * scale
+        floor = 8 * ULP32 * scale + mean_rounding
     _assert_within("y", _row_err(y, ref_y), err_t, floor)
 
 

@@ -1,4 +1,5 @@
-"""The LayerNorm family in every torch mode (tests/utils/modes.py), on each CPU backend."""
+"""The LayerNorm and RMSNorm families in every torch mode (tests/utils/modes.py), on each CPU
+backend."""
 
 from __future__ import annotations
 
@@ -36,6 +37,12 @@ def _ops(backend):
                     lambda x, r, w, b: (F.gelu(F.layer_norm(x + r, (x.shape[-1],), w, b, 1e-5)), x + r),
                     lambda s, rg: _inputs(s, rg, residual=True), vmap_in_dims=(0, 0)),
         OpUnderTest("nn.LayerNorm", _module_fn(backend), _module_ref, lambda s, rg: _inputs(s, rg)),
+        OpUnderTest("rms_norm", lambda x, w: ops.rms_norm(x, w, 1e-6, backend=backend),
+                    lambda x, w: F.rms_norm(x, (x.shape[-1],), w, 1e-6),
+                    lambda s, rg: _inputs(s, rg)[:2]),
+        OpUnderTest("add_rms_norm", lambda x, r, w: ops.add_rms_norm(x, r, w, backend=backend),
+                    lambda x, r, w: (F.rms_norm(x + r, (x.shape[-1],), w), x + r),
+                    lambda s, rg: _inputs(s, rg, residual=True)[:3], vmap_in_dims=(0, 0)),
     ]
 
 

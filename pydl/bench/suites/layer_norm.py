@@ -1,7 +1,8 @@
-"""LayerNorm family: layer_norm, layer_norm_gelu, add_layer_norm.
+"""LayerNorm and RMSNorm families: layer_norm, layer_norm_gelu, add_layer_norm, rms_norm,
+add_rms_norm (one set of kernels serves both families).
 
-Providers: pydl-native, pydl-triton (CUDA only), torch-eager (F.layer_norm [+ F.gelu], with
-``x + residual`` first for add), torch-compile (that eager function under
+Providers: pydl-native, pydl-triton (CUDA only), torch-eager (F.layer_norm [+ F.gelu] or
+F.rms_norm, with ``x + residual`` first for the add variants), torch-compile (that eager function under
 ``torch.compile(dynamic=False)``, compiled once per shape).
 Modes: fwd (inputs without grad), bwd (``torch.autograd.grad`` on a graph built once,
 ``retain_graph=True``), fwd+bwd (forward and backward each rep).
@@ -17,6 +18,8 @@ Bytes that must move (e = element size of the dtype, s = 4-byte float32 row stat
         layer_norm_gelu             : as layer_norm + N·e (read b, to recompute the gelu input)
         add_layer_norm              : read h, dy, dh, write dx         = 4·M·N·e + 2·M·s + 3·N·e
   fwd+bwd                           : fwd + bwd + 2·M·s (the forward writes mean and rstd)
+  rms_norm / add_rms_norm: as layer_norm / add_layer_norm without the bias (one N·e less each
+  way), and the statistics still count as the forward's (mean, rstd) rows.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ import torch.nn.functional as F
 from ..core import COMPILE, EAGER, PYDL, REFERENCE, Provider, Suite, compile_provider
 
 NAME = "layer_norm"
-OPS = ("layer_norm", "layer_norm_gelu", "add_layer_norm")
+OPS = ("layer_norm", "layer_norm_gelu", "add_layer_norm", "rms_norm", "add_rms_norm")
 N_ALL = (384, 768, 1024, 2048, 4096, 8192, 16384)
 EPS = 1e-5
 _STATS_BYTES = 4  # mean / rstd are float32 (for 16- and 32-bit inputs)
@@ -48,10 +51,11 @@ def bytes_moved(op: str, mode: str, m: int, n: int, elem: int) -> int:
     """The minimal traffic of one call; see the module docstring for the formulas."""
     if op not in OPS:
         raise ValueError(f"unknown op {op!r}")
-    big = 4 if op == "add_layer_norm" else 2  # (M, N) tensors read + written in the forward
-    fwd = big * m * n * elem + 2 * n * elem
-    bwd_big = 4 if op == "add_layer_norm" else 3
-    bwd_vec = 4 if op == "layer_norm_gelu" else 3
+    add, rms = op.startswith("add_"), "rms" in op
+    big = 4 if add else 2  # (M, N) tensors read + written in the forward
+    fwd = big * m * n * elem + (1 if rms else 2) * n * elem
+    bwd_big = 4 if add else 3
+    bwd_vec = 4 if op == "layer_norm_gelu" else (2 if rms else 3)
     bwd = bwd_big * m * n * elem + 2 * m * _STATS_BYTES + bwd_vec * n * elem
     if mode == "fwd":
         return fwd
@@ -74,6 +78,13 @@ def eager_fn(op: str) -> Callable:
         def f(x, r, w, b):
             h = x + r
             return (F.layer_norm(h, (h.shape[-1],), w, b, EPS), h)
+    elif op == "rms_norm":
+        def f(x, w):
+            return (F.rms_norm(x, (x.shape[-1],), w, EPS),)
+    elif op == "add_rms_norm":
+        def f(x, r, w):
+            h = x + r
+            return (F.rms_norm(h, (h.shape[-1],), w, EPS), h)
     else:
         raise ValueError(f"unknown op {op!r}")
     f.__name__ = f"eager_{op}"
@@ -93,13 +104,20 @@ def pydl_fn(op: str, backend: str) -> Callable:
         def f(x, r, w, b):
             y, h = ops.add_layer_norm(x, r, w, b, EPS, activation=None, backend=backend)
             return (y, h)
+    elif op == "rms_norm":
+        def f(x, w):
+            return (ops.rms_norm(x, w, EPS, backend=backend),)
+    elif op == "add_rms_norm":
+        def f(x, r, w):
+            return tuple(ops.add_rms_norm(x, r, w, EPS, backend=backend))
     else:
         raise ValueError(f"unknown op {op!r}")
     return f
 
 
 def make_inputs(op: str, shape: tuple, dtype: torch.dtype, device: torch.device, seed: int):
-    """(inputs, grads): inputs (x, [r,] w, b); grads (dy,) or (dy, dh). Random, never zeros."""
+    """(inputs, grads): inputs (x, [r,] w[, b]) (no bias for the RMS ops); grads (dy,) or
+    (dy, dh). Random, never zeros."""
     m, n = shape
     g = torch.Generator(device=device)
     g.manual_seed(seed)
@@ -113,13 +131,15 @@ def make_inputs(op: str, shape: tuple, dtype: torch.dtype, device: torch.device,
     x = rnd(m, n)
     w = rnd(n, scale=0.1, shift=1.0)
     b = rnd(n, scale=0.1)
-    if op == "add_layer_norm":
-        return (x, rnd(m, n), w, b), (rnd(m, n), rnd(m, n))
-    return (x, w, b), (rnd(m, n),)
+    params = (w,) if "rms" in op else (w, b)
+    if op.startswith("add_"):
+        return (x, rnd(m, n), *params), (rnd(m, n), rnd(m, n))
+    return (x, *params), (rnd(m, n),)
 
 
 def grad_names(op: str) -> tuple:
-    return ("dx", "dr", "dw", "db") if op == "add_layer_norm" else ("dx", "dw", "db")
+    names = ("dx", "dr", "dw", "db") if op.startswith("add_") else ("dx", "dw", "db")
+    return names[:-1] if "rms" in op else names
 
 
 SUITE = Suite(
