@@ -103,6 +103,14 @@ def add_layer_norm_ref(x: Tensor, residual: Tensor, weight: Optional[Tensor] = N
 _INF = float("inf")
 
 
+def _allowed_mix(name: str, other: torch.dtype, dtype: torch.dtype) -> bool:
+    """The dtype mixes torch accepts: a residual of any floating dtype (the sum is promoted, as
+    ``x + residual`` is), and float32 weight/bias with float16/bfloat16 x (mixed precision)."""
+    if name == "residual":
+        return other.is_floating_point
+    return other is torch.float32 and dtype in (torch.float16, torch.bfloat16)
+
+
 def _check_args(op: str, x, residual, weight, bias, eps) -> None:
     """Argument checks, written for speed (a model's forward pays them on every call): each
     tensor attribute read costs ~0.1 us, so each is read once; torch.device objects are never
@@ -122,8 +130,10 @@ def _check_args(op: str, x, residual, weight, bias, eps) -> None:
             raise TypeError(f"{op}: {name} must be a Tensor or None, got {type(t).__name__}")
         if t.shape != want:
             raise ValueError(f"{op}: {name} must have shape {tuple(want)}, got {tuple(t.shape)}")
-        if t.dtype is not dtype:
-            raise TypeError(f"{op}: {name} dtype {t.dtype} must match x dtype {dtype}")
+        if t.dtype is not dtype and not _allowed_mix(name, t.dtype, dtype):
+            raise TypeError(f"{op}: {name} dtype {t.dtype} must match x dtype {dtype}"
+                            + ("" if name == "residual" else
+                               " (or be float32 for float16/bfloat16 x: torch's mixed precision)"))
         if t.is_cpu is not on_cpu or (not on_cpu and t.get_device() != x.get_device()):
             raise ValueError(f"{op}: {name} is on {t.device} but x is on {x.device}")
     if type(eps) is not float and (isinstance(eps, bool) or not isinstance(eps, (int, float))):
@@ -133,14 +143,21 @@ def _check_args(op: str, x, residual, weight, bias, eps) -> None:
 
 
 def _native_reasons(key: tuple) -> list:
-    return backends.native_reasons(key[0], key[1], _NATIVE_CPU_DTYPES, _NATIVE_CUDA_DTYPES)
+    return backends.native_reasons(key[0], key[1], _NATIVE_CPU_DTYPES, _NATIVE_CUDA_DTYPES) + _mixed_reasons(key)
 
 
 def _triton_reasons(key: tuple) -> list:
     reasons = backends.triton_reasons(key[0], key[1], _TRITON_DTYPES)
     if key[2]:
         reasons.append(f"normalized size > {TRITON_MAX_N}")
-    return reasons
+    return reasons + _mixed_reasons(key)
+
+
+def _mixed_reasons(key: tuple) -> list:
+    if key[3]:
+        return ["float32 weight/bias with a float16/bfloat16 x (mixed precision) is not implemented "
+                "in the fused kernels yet"]
+    return []
 
 
 # Unmeasured on a GPU so far: native first because its backward reduction was designed for
@@ -154,10 +171,10 @@ def _device_type(x: Tensor) -> str:
     return "cpu" if x.is_cpu else "cuda" if x.is_cuda else x.device.type
 
 
-def _key(x: Tensor) -> tuple:
-    """The call class the backend choice depends on: (device type, dtype, N above Triton's range);
-    both norms run on the same kernels."""
-    return _device_type(x), x.dtype, x.shape[-1] > TRITON_MAX_N
+def _key(x: Tensor, mixed: bool = False) -> tuple:
+    """The call class the backend choice depends on: (device type, dtype, N above Triton's range,
+    mixed-precision parameters); both norms run on the same kernels."""
+    return _device_type(x), x.dtype, x.shape[-1] > TRITON_MAX_N, mixed
 
 
 def choose_backend(x: Tensor, backend: Optional[str] = None, op: str = "layer_norm") -> str:
@@ -168,11 +185,15 @@ def choose_backend(x: Tensor, backend: Optional[str] = None, op: str = "layer_no
 def _forward(op, x, residual, weight, bias, eps, act, backend, norm=NORM_LAYER):
     """(y, h) of one LayerNorm- or RMSNorm-family call; h is None without a residual."""
     _check_args(op, x, residual, weight, bias, eps)
-    tensors = (x, residual, weight, bias)
     if x.is_cuda:
-        tensors = cuda_autocast_fp32("cuda", tensors)
-        x, residual, weight, bias = tensors
-    name = DISPATCH.choose(_key(x), backend)
+        x, residual, weight, bias = cuda_autocast_fp32("cuda", (x, residual, weight, bias))
+    if residual is not None and residual.dtype is not x.dtype:  # h = x + residual promotes, as torch
+        dtype = torch.promote_types(x.dtype, residual.dtype)
+        x, residual = x.to(dtype), residual.to(dtype)
+    tensors = (x, residual, weight, bias)
+    mixed = ((weight is not None and weight.dtype is not x.dtype)
+             or (bias is not None and bias.dtype is not x.dtype))
+    name = DISPATCH.choose(_key(x, mixed), backend)
     if name == "torch":
         return _torch_forward(x, residual, weight, bias, eps, act, norm)
     eps = float(eps)
