@@ -1,8 +1,9 @@
 """Loads the compiled core ``pydl._C`` and adapts torch tensors to its torch-free interface.
 
-The native core never sees a torch tensor: :func:`view` turns one into a ``TensorView``
-(data pointer, dtype code, sizes, strides). Loading is lazy (first use), cached, and refuses a
-build whose version differs from the Python package's, with the command that rebuilds it.
+The native core never sees a torch tensor: the ops pass data pointers, dtype codes (below) and
+strides, from which the bindings build their ``TensorView`` objects. Loading is lazy (first
+use), cached, and refuses a build whose version differs from the Python package's, with the
+command that rebuilds it.
 """
 
 from __future__ import annotations
@@ -81,12 +82,6 @@ def module() -> ModuleType:
 def cuda_built() -> bool:
     mod, _ = _load()
     return bool(mod is not None and mod.cuda_built)
-
-
-def view(t: torch.Tensor):
-    """A ``_C.TensorView`` of ``t`` (no copy; ``t`` must outlive the kernel call). For tests and
-    tools: the kernels' own bindings take data pointers and row strides (docs/architecture.md)."""
-    return module().TensorView(t.data_ptr(), DTYPE_CODES[t.dtype], list(t.shape), list(t.stride()))
 
 
 # torch's raw-stream query is a plain C function on CUDA builds of torch: ~0.1 us, against

@@ -82,11 +82,6 @@ def differentiable_grads(reference: Callable[..., Sequence[Tensor]], inputs: Seq
     return tuple(next(got) if t is not None and t.requires_grad else None for t in inputs)
 
 
-def empty_grad_placeholder(like: Tensor) -> Tensor:
-    """A distinct 0-element tensor: custom op outputs may not alias each other or None."""
-    return like.new_empty(0)
-
-
 def vmap_by_loop(op: Callable, info, in_dims: Sequence[Optional[int]], *args) -> tuple:
     """A ``torch.library.register_vmap`` rule that runs ``op`` once per batch entry and stacks
     the outputs along dim 0 — for the calls a fused rule does not cover (e.g. batched weights)."""
