@@ -376,6 +376,15 @@ def markdown(rows: list, meta: dict, compare_result: Optional[dict] = None,
 
 # -------------------------------------------------------------------------------- plots
 
+def _save_figure(plt, fig, outdir: str, name: str) -> str:
+    """Lay out, write (90 dpi) and close one figure; returns its path."""
+    fig.tight_layout()
+    path = os.path.join(outdir, name)
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
 def plots(rows: list, outdir: str) -> tuple:
     """PNG plots; returns (files, note) and, with no matplotlib, ([], the install hint).
 
@@ -427,11 +436,7 @@ def plots(rows: list, outdir: str) -> tuple:
             ax.set_title(f"{op} {mode} ({dtype}, {dev})")
             ax.grid(True, alpha=0.3)
             ax.legend(fontsize=7)
-        fig.tight_layout()
-        path = os.path.join(outdir, f"plot_{op}_{dtype}_{dev}.png")
-        fig.savefig(path, dpi=90)
-        plt.close(fig)
-        files.append(path)
+        files.append(_save_figure(plt, fig, outdir, f"plot_{op}_{dtype}_{dev}.png"))
     for (suite, dtype, dev), cells in bars.items():
         provs = list(OrderedDict.fromkeys(p for per in cells.values() for p in per))
         fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(cells) * max(1, len(provs)) / 2), 4.5))
@@ -446,11 +451,7 @@ def plots(rows: list, outdir: str) -> tuple:
         ax.set_title(f"{suite} ({dtype}, {dev})")
         ax.grid(True, axis="y", alpha=0.3)
         ax.legend(fontsize=7)
-        fig.tight_layout()
-        path = os.path.join(outdir, f"plot_{suite}_{dtype}_{dev}.png")
-        fig.savefig(path, dpi=90)
-        plt.close(fig)
-        files.append(path)
+        files.append(_save_figure(plt, fig, outdir, f"plot_{suite}_{dtype}_{dev}.png"))
     return files, ""
 
 
