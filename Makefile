@@ -47,9 +47,10 @@ test-sanitize: env
 # fiber with real barriers and warp shuffles (no GPU needed); "quick" covers N up to 2048 plus the
 # long-row kernels (add_layer_norm at N = 8193, 9000, 32776; constant rows at 40000; N > 65536).
 EMU_BIN := build/cuda-emulated-layer-norm
+EMU_CUDA_SOURCES := $(wildcard csrc/cuda/layer_norm_*.cu)
 test-cuda-emulated:
 	mkdir -p build
-	g++ -std=c++20 -O2 -Itests/cuda_emulation/mock -Icsrc/include -x c++ csrc/cuda/layer_norm.cu \
+	g++ -std=c++20 -O2 -Itests/cuda_emulation/mock -Icsrc/include -x c++ $(EMU_CUDA_SOURCES) \
 		-x none tests/cuda_emulation/test_layer_norm.cpp csrc/layer_norm_args.cpp csrc/tensor_view.cpp \
 		-o $(EMU_BIN) -lpthread
 	$(EMU_BIN) quick
@@ -67,6 +68,7 @@ test-triton-floor: build $(VENV_TRITON_FLOOR)/.deps
 	$(VENV_TRITON_FLOOR)/bin/python -m pytest -q tests/ops tests/nn -m triton
 	$(VENV_TRITON_FLOOR)/bin/python scripts/check_triton_compile.py
 	$(PY) scripts/check_triton_compile.py
+	$(PY) scripts/check_triton_compile_attention.py
 
 # Every CUDA kernel compiled standalone for the CI archs (registers / spills per kernel) and its
 # PTX checked: no kernel reads memory it writes through ld.global.nc (scripts/check_ptx_loads.py).

@@ -28,6 +28,24 @@ void check_matrix_output(const TensorView& t, const TensorView& like, const char
   require_contiguous(t, op, name);
 }
 
+// weight and bias (each optional): (N,), contiguous, of one dtype, which is x's or float32 for a
+// float16 / bfloat16 x (mixed precision). Returns that dtype (layer_norm_param_dtype).
+DType check_params(const TensorView& weight, const TensorView& bias, DType x, int64_t n,
+                   const char* op) {
+  const DType param = layer_norm_param_dtype(weight, bias, x);
+  const bool mixed_ok = param == DType::kFloat32 && (x == DType::kFloat16 || x == DType::kBFloat16);
+  PYDL_CHECK(param == x || mixed_ok, op, ": ", weight.defined ? "weight" : "bias", " dtype ",
+             dtype_name(param), " must be x's dtype ", dtype_name(x),
+             " (or float32 for a float16 / bfloat16 x)");
+  if (weight.defined && bias.defined) {
+    PYDL_CHECK(bias.dtype == weight.dtype, op, ": bias dtype ", dtype_name(bias.dtype),
+               " must match weight dtype ", dtype_name(weight.dtype));
+  }
+  if (weight.defined) check_vector(weight, n, param, op, "weight");
+  if (bias.defined) check_vector(bias, n, param, op, "bias");
+  return param;
+}
+
 void check_activation(Activation act, const char* op) {
   auto code = static_cast<int32_t>(act);
   PYDL_CHECK(code >= 0 && code <= 2, op, ": unknown activation code ", code);
@@ -41,6 +59,10 @@ void check_norm(Norm norm, const TensorView& bias, const char* op) {
 }
 
 }  // namespace
+
+DType layer_norm_param_dtype(const TensorView& weight, const TensorView& bias, DType x) {
+  return weight.defined ? weight.dtype : bias.defined ? bias.dtype : x;
+}
 
 void validate_layer_norm_fwd(const LayerNormFwdArgs& a, const char* op) {
   require_defined(a.x, op, "x");
@@ -56,8 +78,7 @@ void validate_layer_norm_fwd(const LayerNormFwdArgs& a, const char* op) {
   } else {
     PYDL_CHECK(!a.h.defined, op, ": h is an output of the residual variant only");
   }
-  if (a.weight.defined) check_vector(a.weight, N, a.x.dtype, op, "weight");
-  if (a.bias.defined) check_vector(a.bias, N, a.x.dtype, op, "bias");
+  check_params(a.weight, a.bias, a.x.dtype, N, op);
   check_matrix_output(a.y, a.x, op, "y", "x");
   PYDL_CHECK(a.mean.defined == a.rstd.defined, op, ": mean and rstd are given together or not at all");
   if (a.mean.defined) {
@@ -75,18 +96,17 @@ void validate_layer_norm_bwd(const LayerNormBwdArgs& a, const char* op) {
   check_norm(a.norm, a.bias, op);
   check_matrix_input(a.dy, a.x, op, "dy", "x");
   if (a.dh.defined) check_matrix_input(a.dh, a.x, op, "dh", "x");
-  if (a.weight.defined) check_vector(a.weight, N, a.x.dtype, op, "weight");
-  if (a.bias.defined) check_vector(a.bias, N, a.x.dtype, op, "bias");
+  const DType param = check_params(a.weight, a.bias, a.x.dtype, N, op);
   check_vector(a.mean, M, stats_dtype_for(a.x.dtype), op, "mean");
   check_vector(a.rstd, M, stats_dtype_for(a.x.dtype), op, "rstd");
   check_matrix_output(a.dx, a.x, op, "dx", "x");
   if (a.dweight.defined) {
     PYDL_CHECK(a.weight.defined, op, ": dweight requested without weight");
-    check_vector(a.dweight, N, a.x.dtype, op, "dweight");
+    check_vector(a.dweight, N, param, op, "dweight");
   }
   if (a.dbias.defined) {
     PYDL_CHECK(a.bias.defined, op, ": dbias requested without bias");
-    check_vector(a.dbias, N, a.x.dtype, op, "dbias");
+    check_vector(a.dbias, N, param, op, "dbias");
   }
 }
 

@@ -19,7 +19,7 @@ ARCHS=${ARCHS:-"90a 80"}
 STRICT=${STRICT:-0}
 PYTHON=${PYTHON:-python3}
 # Loads that must be coherent, as MANGLED-NAME-REGEX:PARAMETER-INDEX (see check_ptx_loads.py):
-# ln_fwd_uncached<T, VEC, U, RES = true, RMS> re-reads h, its parameter 5 (both norms).
+# ln_fwd_uncached<T, P, VEC, U, RES = true, RMS> re-reads h, its parameter 5 (both norms).
 PTX_EXPECT=(--expect-coherent "ln_fwd_uncachedI.*Lb1ELb[01]EE:5")
 if [ "$#" -gt 0 ]; then files=("$@"); else files=(csrc/cuda/*.cu); fi
 

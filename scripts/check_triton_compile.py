@@ -5,7 +5,8 @@ The Triton interpreter that runs the kernels in CI is not the compiler: compile 
 register spills and shared-memory overflows only show up here. Each kernel is compiled with
 ``triton.compile`` for ``GPUTarget("cuda", 90, 32)`` (ptxas ships with Triton) in the launch
 configurations its launcher picks (BLOCK_M, BLOCK_N, num_warps come from the launcher's own
-``_*_config`` functions, enumerated over M and N), for float32 / float16 / bfloat16 and the
+``_*_config`` functions, enumerated over M and N), for float32 / float16 / bfloat16 (and
+float32 weight / bias with float16 / bfloat16 x: mixed precision, "bf16:fp32") and the
 has-residual / weight / bias / activation / gradient / RMS (RMSNorm) constexprs, with 16-byte-aligned and
 unaligned pointers and sizes. For each configuration it prints registers and spill bytes (from
 Triton's own ``ptxas -v`` run, in a private empty cache) and shared memory.
@@ -48,7 +49,9 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 SM_COUNT = 132  # H100 / H200 SXM: decides which BLOCK_M the forward launcher can pick
 MAX_SMEM = 227 * 1024  # sm_90: dynamic shared memory per block (opt-in)
 REGS_PER_SM = 64 * 1024
-DTYPES = ("fp32", "fp16", "bf16")
+# x's dtype, or "x:parameters" (mixed precision: float32 weight / bias with a 16-bit x).
+DTYPES = ("fp32", "fp16", "bf16", "bf16:fp32", "fp16:fp32")
+PARAM_PTRS = {"W", "B"}  # weight, bias: the parameters' dtype
 ACC_PTRS = {"MEAN", "RSTD", "PDW", "PDB", "C1", "C2"}  # float32 (the accumulation dtype)
 BOOL = (False, True)
 ACTS = (0, 1, 2)
@@ -159,8 +162,10 @@ def configs(ln, full: bool, kernel_filter: str | None):
     for name, shapes, factors, heavy in _kernel_specs(ln):
         if kernel_filter and kernel_filter not in name:
             continue
+        has_params = bool(PARAM_PTRS & set(getattr(ln, name).arg_names))
+        dtypes = DTYPES if has_params else tuple(d for d in DTYPES if ":" not in d)
         if full:
-            for (shape, nw), dt, aligned in itertools.product(shapes, DTYPES, BOOL):
+            for (shape, nw), dt, aligned in itertools.product(shapes, dtypes, BOOL):
                 for combo in itertools.product(*factors.values()):
                     flags = _expand_flags(dict(zip(factors, combo)))
                     out.append((name, dt, aligned, {**shape, **flags}, nw))
@@ -178,16 +183,17 @@ def configs(ln, full: bool, kernel_filter: str | None):
         for i, (shape, nw) in enumerate(reps):  # every launch shape, heaviest flags
             add(DTYPES[i % 3], True, shape, nw, heavy[i % len(heavy)])
         big_shape, big_nw = reps[-1]  # the largest tile: every dtype, every heavy flag set
-        for dt, flags in itertools.product(DTYPES, heavy):
+        for dt, flags in itertools.product(dtypes, heavy):
             add(dt, True, big_shape, big_nw, flags)
         mid_shape, mid_nw = reps[len(reps) // 2]
-        for assign in _pairwise({**factors, "dtype": DTYPES, "aligned": BOOL}):
+        for assign in _pairwise({**factors, "dtype": dtypes, "aligned": BOOL}):
             dt, aligned = assign.pop("dtype"), assign.pop("aligned")
             add(dt, aligned, mid_shape, mid_nw, assign)
     return out
 
 
 def _signature(fn, dt: str, constexprs: dict, aligned: bool):
+    x_dt, _, param_dt = dt.partition(":")
     sig, consts, attrs = {}, {}, {}
     for i, name in enumerate(fn.arg_names):
         if name in constexprs or name == "SOFT_RNE":
@@ -200,7 +206,8 @@ def _signature(fn, dt: str, constexprs: dict, aligned: bool):
             if aligned:
                 attrs[(i,)] = [["tt.divisibility", 16]]
         else:  # pointers (torch's allocations are 16-byte aligned; views may not be)
-            sig[name] = "*fp32" if name in ACC_PTRS else f"*{dt}"
+            sig[name] = ("*fp32" if name in ACC_PTRS else
+                         f"*{param_dt or x_dt}" if name in PARAM_PTRS else f"*{x_dt}")
             if aligned:
                 attrs[(i,)] = [["tt.divisibility", 16]]
     return sig, consts, attrs
@@ -261,7 +268,7 @@ _ABBREV = {"HAS_RES": "res", "HAS_DH": "dh", "HAS_W": "w", "HAS_B": "b", "ACT": 
 def config_id(cfg) -> str:
     name, dt, aligned, constexprs, nw = cfg
     flags = "-".join(f"{_ABBREV.get(k, k)}{int(v)}" for k, v in constexprs.items())
-    return f"{name.strip('_')}.{dt}.{'a16' if aligned else 'a1'}.nw{nw}.{flags}"
+    return f"{name.strip('_')}.{dt.replace(':', '-')}.{'a16' if aligned else 'a1'}.nw{nw}.{flags}"
 
 
 def main(argv=None) -> int:

@@ -1,26 +1,28 @@
 """The LayerNorm-family workload for compute-sanitizer: every CUDA kernel and launch configuration
-of csrc/cuda/layer_norm.cu, on small shapes, each result checked against a float64 reference.
+of csrc/cuda/layer_norm_{fwd,bwd,dweight}.cu, on small shapes, each result checked against a
+float64 reference.
 
     compute-sanitizer --tool memcheck --error-exitcode 99 python scripts/sanitize_layer_norm.py
     python scripts/sanitize_layer_norm.py --coverage        # no sanitizer: which kernels really ran
 
-What csrc/cuda/layer_norm.cu launches (each kernel's last template argument RMS: LayerNorm or
+What the launchers run (T: x's storage type; P: the parameters', T or fp32 for a 16-bit T (mixed
+precision: the "params=fp32" cases); each kernel's last template argument RMS: LayerNorm or
 RMSNorm, the rms_norm / add_rms_norm cases; VEC = 16 bytes / element: 4 for fp32, 8 for fp16 / bf16,
 when N % VEC == 0 and every pointer / row stride allows 16-byte accesses; else VEC = 1, "scalar"):
-  ln_fwd_cached<T, VEC, ITEMS>   forward, N <= 32768 (vector; E = ITEMS * VEC in 8, 16, 24, 32,
+  ln_fwd_cached<T, P, VEC, ITEMS>   forward, N <= 32768 (vector; E = ITEMS * VEC in 8, 16, 24, 32,
                                  chosen by N) or N <= 8192 (scalar, ITEMS 8); inference (no
                                  grad) launches it with no statistics outputs
-  ln_fwd_uncached<T, VEC, U>     forward, longer rows (vector N > 32768, scalar N > 8192), 512
+  ln_fwd_uncached<T, P, VEC, U>  forward, longer rows (vector N > 32768, scalar N > 8192), 512
                                  threads per row, U = 16 / VEC
-  ln_bwd_rows<T, VEC, ITEMS, ACC_SMEM>   backward, N <= 8192 (vector) / 4096 (scalar); dw / db
+  ln_bwd_rows<T, P, VEC, ITEMS, ACC_SMEM>   backward, N <= 8192 (vector) / 4096 (scalar); dw / db
                                  in registers (vector) or shared memory (scalar), row groups
                                  merged in shared memory when a block holds several rows; its
                                  shared memory never exceeds ~33 KB
-  ln_bwd_uncached<T, VEC, ACC_SMEM>  backward, longer rows, 1024 threads; ACC_SMEM (dw / db in
+  ln_bwd_uncached<T, P, VEC, ACC_SMEM>  backward, longer rows, 1024 threads; ACC_SMEM (dw / db in
                                  2N floats of shared memory, N <= 16384): above N ~ 6080 that is
                                  more than 48 KB, the opt-in (cudaFuncSetAttribute) path;
                                  else in the block's workspace row (also without weight / bias)
-  ln_reduce_partials<T>          sums the per-block dw / db rows (whenever weight or bias is given)
+  ln_reduce_partials<P>          sums the per-block dw / db rows (whenever weight or bias is given)
 The cases below are chosen with a replica of that choice (expected_kernels) for fp32, fp16 and
 bf16: each E, both VEC paths, both sides of every N threshold, > 48 KB shared memory, grid-stride
 loops (more rows than one wave), misaligned and row-strided views, with / without residual,
@@ -51,6 +53,7 @@ import re  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
+from typing import Optional  # noqa: E402
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
@@ -73,7 +76,7 @@ def _b(flag):
     return "true" if flag else "false"
 
 
-# ---- replica of the launchers' choice (csrc/cuda/layer_norm.cu: choose_fwd_cfg, bwd_launch) ------
+# ---- replica of the launchers' choice (csrc/cuda/layer_norm_fwd.cu: choose_fwd_cfg; _bwd.cu: bwd_launch)
 
 def _cdiv(a, b):
     return -(-a // b)
@@ -104,30 +107,31 @@ def fwd_elems(n, vec):
     return out
 
 
-def expected_kernels(n, vec_fwd, vec_bwd, t, grad, partials, res=False, rms=False):
-    """The kernel keys ('name<type,args>') the call should launch, and the backward's dynamic smem."""
+def expected_kernels(n, vec_fwd, vec_bwd, t, p, grad, partials, res=False, rms=False):
+    """The kernel keys ('name<types,args>') the call should launch, and the backward's dynamic smem.
+    t, p: the short names of x's and the parameters' storage types (p = t without parameters)."""
     keys = []
     r = _b(rms)
     if n <= (32768 if vec_fwd > 1 else 8192):
-        keys.append(f"ln_fwd_cached<{t},{vec_fwd},{fwd_elems(n, vec_fwd) // vec_fwd},{r}>")
+        keys.append(f"ln_fwd_cached<{t},{p},{vec_fwd},{fwd_elems(n, vec_fwd) // vec_fwd},{r}>")
     else:
-        keys.append(f"ln_fwd_uncached<{t},{vec_fwd},{max(1, 16 // vec_fwd)},{_b(res)},{r}>")
+        keys.append(f"ln_fwd_uncached<{t},{p},{vec_fwd},{max(1, 16 // vec_fwd)},{_b(res)},{r}>")
     smem = 0
     if grad:
         v, e = vec_bwd, (4 if vec_bwd == 1 else 8)
         smem = 2 * 32 * 8
         if n <= 1024 * e:
-            keys.append(f"ln_bwd_rows<{t},{v},{e // v},{_b(v == 1)},{r}>")
+            keys.append(f"ln_bwd_rows<{t},{p},{v},{e // v},{_b(v == 1)},{r}>")
             tpr = _round_tpr(_cdiv(n // v, e // v))
             rpb = max(1, 512 // tpr)
             if partials and (v == 1 or rpb > 1):
                 smem += rpb * 2 * n * 4
         else:
             acc = partials and n <= 16384  # (and it fits the opt-in limit: 227 KB on Hopper)
-            keys.append(f"ln_bwd_uncached<{t},{v},{_b(acc)},{r}>")
+            keys.append(f"ln_bwd_uncached<{t},{p},{v},{_b(acc)},{r}>")
             smem += 2 * n * 4 if acc else 0
         if partials:
-            keys.append(f"ln_reduce_partials<{t}>")
+            keys.append(f"ln_reduce_partials<{p}>")
     return keys, smem
 
 
@@ -154,6 +158,16 @@ class Case:
     bias: bool
     layout: str = "contiguous"  # or "misaligned" (x = base[:, 1:]) or "strided" (x = base[:, :n])
     stream: bool = False
+    param_dtype: Optional[torch.dtype] = None  # weight / bias: None = dtype; fp32: mixed precision
+
+    @property
+    def params(self) -> torch.dtype:
+        return self.param_dtype or self.dtype
+
+    def type_keys(self) -> tuple:
+        """(T, P) short names as in the kernel keys (P = T without parameters)."""
+        t = SHORT[self.dtype]
+        return t, (SHORT[self.params] if self.weight or self.bias else t)
 
 
 def shapes_for(dtype, quick):
@@ -195,7 +209,7 @@ def static_keys(c):
     vec = 4 if c.dtype == torch.float32 else 8
     vf = vec if c.layout != "misaligned" and c.n % vec == 0 else 1
     vb = vf if c.op not in RES_OPS else (vec if c.n % vec == 0 else 1)  # backward reads h
-    return expected_kernels(c.n, vf, vb, SHORT[c.dtype], True, c.weight or c.bias,
+    return expected_kernels(c.n, vf, vb, *c.type_keys(), True, c.weight or c.bias,
                             c.op in RES_OPS, c.op in RMS_OPS)[0]
 
 
@@ -211,6 +225,10 @@ def _cases_of(dtype, quick):
         if not quick or i % 2:  # RMSNorm through the same kernels (RMS = true)
             op = RMS_OPS[(i // 2) % 2]
             cases.append(Case(dtype, m, n, op, None, (i // 4) % 3 != 2, False, layout, stream=bool(i % 2)))
+        if dtype != torch.float32:  # mixed precision: float32 weight / bias, LN and RMS alternately
+            op, act = (WITH_RES[i % len(WITH_RES)] if i % 2 == 0 else (RMS_OPS[(i // 2) % 2], None))
+            cases.append(Case(dtype, m, n, op, act, True, op not in RMS_OPS, layout, stream=bool(i % 2),
+                              param_dtype=torch.float32))
     if not quick:  # long rows without weight and bias: no workspace, no partials kernel
         cases.append(Case(dtype, 2, 12288, "layer_norm_gelu", "gelu", False, False, stream=True))
         cases.append(Case(dtype, 3, 8191, "layer_norm", None, False, False))
@@ -284,8 +302,9 @@ def run_case(ops, case, backend, device, gen, side):
     res = case.op in RES_OPS
     rnd = lambda *s: torch.randn(*s, generator=gen, dtype=torch.float64).to(dt)  # noqa: E731
     r_c = rnd(case.m, n) if res else None
-    w_c = (1 + 0.1 * torch.randn(n, generator=gen, dtype=torch.float64)).to(dt) if case.weight else None
-    b_c = (0.1 * torch.randn(n, generator=gen, dtype=torch.float64)).to(dt) if case.bias else None
+    pdt = case.params
+    w_c = (1 + 0.1 * torch.randn(n, generator=gen, dtype=torch.float64)).to(pdt) if case.weight else None
+    b_c = (0.1 * torch.randn(n, generator=gen, dtype=torch.float64)).to(pdt) if case.bias else None
     g_c = [rnd(case.m, n) for _ in range(2 if res else 1)]
 
     leaves = [t.double().requires_grad_(True) if t is not None else None for t in (x_ref, r_c, w_c, b_c)]
@@ -322,7 +341,7 @@ def run_case(ops, case, backend, device, gen, side):
     vec = 4 if dt == torch.float32 else 8
     vf = vec if vec_ok(n, vec, [x, r, got[0]] + ([got[1]] if res else []), [w, b]) else 1
     vb = vec if vec_ok(n, vec, [normalized, got_g[0]], [w, b]) else 1
-    keys, smem = expected_kernels(n, vf, vb, SHORT[dt], True, case.weight or case.bias, res,
+    keys, smem = expected_kernels(n, vf, vb, *case.type_keys(), True, case.weight or case.bias, res,
                                   case.op in RMS_OPS)
     return bad, keys, smem
 
@@ -359,10 +378,8 @@ def observed_kernels(prof) -> tuple:
         if not m:
             continue
         args = [a.strip() for a in m.group(2).split(",")]
-        for long_, short in _TYPE:
-            if long_ in args[0]:
-                args[0] = short
-                break
+        for i, a in enumerate(args):  # the storage types (T, P) by their short names
+            args[i] = next((short for long_, short in _TYPE if long_ in a), a)
         key = f"{m.group(1)}<{','.join(args)}>"
         seen[key] = max(seen.get(key, -1), int(smem) if str(smem).lstrip("-").isdigit() else -1)
     return seen, note
@@ -409,7 +426,7 @@ def main(argv=None) -> int:
 
         prof = profile(activities=[ProfilerActivity.CUDA])
         prof.__enter__()
-    print(f"{'#':>3s} {'dtype':5s} {'shape':10s} {'layout':10s} {'op':15s} {'act':9s} {'w b':4s} "
+    print(f"{'#':>3s} {'dtype':9s} {'shape':10s} {'layout':10s} {'op':15s} {'act':9s} {'w b':4s} "
           f"{'stream':6s} {'expected kernels':60s} result", flush=True)
     for i, c in enumerate(cases):
         if args.time_limit_s and time.monotonic() - T_START > args.time_limit_s:
@@ -428,7 +445,8 @@ def main(argv=None) -> int:
             expected.setdefault(k, i)
         kern = " ".join(k.replace("ln_", "") for k in keys) + (f" smem {smem // 1024}K" if smem > 48 * 1024 else "")
         wb = ("w" if c.weight else "-") + ("b" if c.bias else "-")
-        print(f"{i:3d} {SHORT[c.dtype]:5s} {f'{c.m}x{c.n}':10s} {c.layout:10s} {c.op:15s} {str(c.act):9s} "
+        dts = SHORT[c.dtype] + (f":{SHORT[c.param_dtype]}" if c.param_dtype else "")
+        print(f"{i:3d} {dts:9s} {f'{c.m}x{c.n}':10s} {c.layout:10s} {c.op:15s} {str(c.act):9s} "
               f"{wb:4s} {'side' if c.stream and side is not None else 'dflt':6s} {kern:60s} {result}", flush=True)
     rc = 1 if failures else 0
     if prof is not None:

@@ -42,34 +42,41 @@ PYDL_INLINE A activation_grad(A z) {
   else return A(1);
 }
 
-// Weight and bias as accumulation-type rows; absent ones become 1 / 0. float32 weights are used
-// in place (no per-call copy); other storage types are converted once per call.
+// Weight and bias as accumulation-type rows; absent ones become 1 / 0. Parameters stored in
+// the accumulation type (float32 ones, including a bfloat16 x's mixed-precision float32
+// parameters) are used in place (no per-call copy); others are converted once per call.
+// Validated: the parameters' dtype is T's or float32.
 template <typename T>
 struct Affine {
   using A = acc_t<T>;
+  static constexpr DType kAccDType = std::is_same_v<A, double> ? DType::kFloat64 : DType::kFloat32;
   std::vector<A> storage;  // the converted or default rows, only where needed
   const A* weight = nullptr;
   const A* bias = nullptr;
   Affine(const TensorView& w, const TensorView& b, int64_t n) {
-    constexpr bool kInPlace = std::is_same_v<T, A>;
-    const bool copy_w = !(kInPlace && w.defined), copy_b = !(kInPlace && b.defined);
+    const bool copy_w = !(w.defined && w.dtype == kAccDType);
+    const bool copy_b = !(b.defined && b.dtype == kAccDType);
     storage.resize(static_cast<size_t>((copy_w ? n : 0) + (copy_b ? n : 0)));
     A* next = storage.data();
-    if (copy_w) {
-      for (int64_t j = 0; j < n; ++j) next[j] = w.defined ? to_acc(w.ptr<const T>()[j]) : A(1);
-      weight = next;
-      next += n;
-    } else {
-      weight = reinterpret_cast<const A*>(w.ptr<const T>());
-    }
-    if (copy_b) {
-      for (int64_t j = 0; j < n; ++j) next[j] = b.defined ? to_acc(b.ptr<const T>()[j]) : A(0);
-      bias = next;
-    } else {
-      bias = reinterpret_cast<const A*>(b.ptr<const T>());
-    }
+    weight = copy_w ? fill(w, n, A(1), next) : w.ptr<const A>();
+    if (copy_w) next += n;
+    bias = copy_b ? fill(b, n, A(0), next) : b.ptr<const A>();
+  }
+
+ private:
+  // out[j] = t[j] in A (t stored as T: the in-place case covers float32), or `neutral`.
+  static const A* fill(const TensorView& t, int64_t n, A neutral, A* out) {
+    for (int64_t j = 0; j < n; ++j) out[j] = t.defined ? to_acc(t.ptr<const T>()[j]) : neutral;
+    return out;
   }
 };
+
+// Writes a reduced parameter gradient row (n,) into `out`, stored as T or float32.
+template <typename T>
+void store_param_grad(const TensorView& out, int64_t j, acc_t<T> v) {
+  if (out.dtype == DType::kFloat32) out.ptr<float>()[j] = static_cast<float>(v);
+  else out.ptr<T>()[j] = from_acc<T>(v);
+}
 
 // ---- Forward row statistics ---------------------------------------------------------------------
 //
@@ -448,7 +455,7 @@ void bwd_impl(const LayerNormBwdArgs& a, int num_threads) {
     for (int64_t j = 0; j < n; ++j) {
       A total = 0;
       for (int t = 0; t < threads; ++t) total += partial[(static_cast<size_t>(t) * 2 + part) * n + j];
-      out.ptr<T>()[j] = from_acc<T>(total);
+      store_param_grad<T>(out, j, total);
     }
   }
 }

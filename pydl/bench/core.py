@@ -46,6 +46,12 @@ NOISY, ABOVE_CEILING = "noisy", "above ceiling"
 PYDL, REFERENCE, COMPILED, BASELINE = "pydl", "eager", "compile", "baseline"
 
 
+class Unsupported(Exception):
+    """A provider raises this (from its function, when called on a cell's inputs) to say it does
+    not take that cell, e.g. an SDPA backend refusing a mask or a dtype: the cell is recorded as
+    ``skipped`` with the message, not as an error."""
+
+
 # --------------------------------------------------------------------------------- types
 
 @dataclass(frozen=True)
@@ -53,7 +59,8 @@ class Provider:
     """One way to run a suite's ops.
 
     factory(op) -> fn(*inputs) -> output tuple (a bare tensor is wrapped). It may raise to say
-    "not for this op": the cell is then ``skipped`` with that message.
+    "not for this op": the cell is then ``skipped`` with that message; fn raises ``Unsupported``
+    to say the same of one cell.
     kind: PYDL (availability-probed on tiny inputs first; a failure there is ``skipped``),
         REFERENCE (torch eager: the gate's reference and the ``speedup_vs_eager`` baseline),
         COMPILED (torch.compile: compile settings applied, a failure is ``skipped``), BASELINE.
@@ -87,7 +94,9 @@ class Suite:
         provider's factory. probe_shape: the tiny shape pydl providers are probed on.
     dtypes(device) -> the default dtypes. timing: TimingPolicy overrides for this suite.
     seed(shape) -> int added to --seed. plot_x(shape) -> number (x axis of the line plots) and
-    x_label. report(rows) -> extra markdown lines (targets, verdicts), also printed on stdout.
+    x_label; plot_series(shape) -> a label ("D=128") splitting the line plots of an op into one
+    figure per label (None: one figure per op). report(rows) -> extra markdown lines (targets,
+    verdicts), also printed on stdout.
     """
 
     name: str
@@ -112,6 +121,7 @@ class Suite:
     seed: Callable = field(default=lambda shape: zlib.crc32(shape_str(shape).encode()) % 100_003)
     plot_x: Callable = field(default=lambda shape: shape[-1] if isinstance(shape, tuple) else None)
     x_label: str = "N (normalized size)"
+    plot_series: Optional[Callable] = None
     report: Optional[Callable] = None
 
     def run(self, cfg: "SuiteConfig") -> list:
@@ -184,6 +194,7 @@ class Record:
     repeat_p50_ms: list = field(default_factory=list)   # --repeat K: the K medians
     plot_x: Optional[float] = None
     x_label: str = ""
+    plot_series: str = ""
 
 
 def achieved(metric: str, work, p50_ms: float) -> Optional[float]:
@@ -380,7 +391,8 @@ def _run_point(suite, cfg, policy, pt: Point, providers, avail, records) -> None
             device=device.type, bytes_moved=work if suite.metric == BANDWIDTH else None,
             flops=work if suite.metric == THROUGHPUT else None, status=status, note=note,
             measurement=meas, suite=suite.name, metric=suite.metric,
-            plot_x=suite.plot_x(pt.shape), x_label=suite.x_label, **kw))
+            plot_x=suite.plot_x(pt.shape), x_label=suite.x_label,
+            plot_series=suite.plot_series(pt.shape) if suite.plot_series else "", **kw))
 
     if cfg.out_of_time():
         for mode in pt.modes:
@@ -407,6 +419,8 @@ def _gate(p: Provider, fn, inputs, grads, ref, want_grad, diff) -> tuple:
     try:
         reasons = ref.check_out(fn(*inputs))
         fwd = (MISMATCH, "; ".join(reasons)) if reasons else (OK, "")
+    except Unsupported as exc:
+        fwd = (SKIPPED, str(exc))
     except Exception as exc:
         fwd = (ERROR, short(exc))
     grad = (SKIPPED, "not requested")
@@ -414,6 +428,8 @@ def _gate(p: Provider, fn, inputs, grads, ref, want_grad, diff) -> tuple:
         try:
             reasons = ref.check_grads(gate.run_grads(fn, inputs, grads, diff))
             grad = (MISMATCH, "; ".join(reasons)) if reasons else (OK, "")
+        except Unsupported as exc:
+            grad = (SKIPPED, str(exc))
         except Exception as exc:
             grad = (ERROR, short(exc))
     if p.kind == COMPILED:  # a compile failure is recorded as skipped, not as an error

@@ -55,7 +55,8 @@ def _fmt(v: Optional[float], digits: int = 4) -> str:
 def finalize(records: Iterable, ceilings, meta: dict) -> list:
     """Suite records + ceilings -> CSV rows (dicts with CSV_COLUMNS as keys, strings/numbers).
 
-    Rows also carry ``_x`` / ``_xlabel`` (plot axis) that the CSV does not hold.
+    Rows also carry ``_x`` / ``_xlabel`` / ``_series`` (plot axis, figure label) that the CSV
+    does not hold.
     """
     common = {"version": meta.get("version", ""), "commit": meta.get("commit", ""),
               "dirty": meta.get("dirty", ""), "timestamp": meta.get("timestamp", ""),
@@ -94,7 +95,8 @@ def finalize(records: Iterable, ceilings, meta: dict) -> list:
                    speedup_vs_eager="", speedup_vs_compile="", reps="", spread="",
                    flag=getattr(r, "flag", ""), attempts="", repeats="", p50_repeat_min="",
                    p50_repeat_max="", calls_per_sample="",
-                   _x=getattr(r, "plot_x", None), _xlabel=getattr(r, "x_label", ""))
+                   _x=getattr(r, "plot_x", None), _xlabel=getattr(r, "x_label", ""),
+                   _series=getattr(r, "plot_series", ""))
         if m is not None and m.p50_ms > 0:
             work = r.bytes_moved if metric == "bandwidth" else getattr(r, "flops", None)
             value = achieved(metric, work, m.p50_ms)
@@ -243,6 +245,12 @@ def _flags(r: dict) -> list:
     return [f for f in str(r.get("flag") or "").split(";") if f]
 
 
+def flag_note(rows) -> str:
+    """" (⚠noisy: do not trust)" when any of ``rows`` is flagged, else "" (target tables)."""
+    flagged = ", ".join(sorted({f for r in rows for f in _flags(r)}))
+    return f" (⚠{flagged}: do not trust)" if flagged else ""
+
+
 def _md_cell(r: Optional[dict]) -> str:
     if r is None:
         return ""
@@ -388,9 +396,10 @@ def _save_figure(plt, fig, outdir: str, name: str) -> str:
 def plots(rows: list, outdir: str) -> tuple:
     """PNG plots; returns (files, note) and, with no matplotlib, ([], the install hint).
 
-    Bandwidth / throughput rows: one PNG per (op, dtype, device), value vs the suite's plot x
-    (N for LayerNorm), a panel per mode, the copy ceiling dashed. Latency rows: one PNG per
-    (suite, dtype, device), a bar per provider and cell, µs on a log axis.
+    Bandwidth / throughput rows: one PNG per (op, dtype, device) (and plot series, e.g. "D=64",
+    when the suite names one), value vs the suite's plot x (N for LayerNorm), a panel per mode,
+    the copy (or same-dtype matmul) ceiling dashed. Latency rows: one PNG per (suite, dtype,
+    device), a bar per provider and cell, µs on a log axis.
     """
     try:
         import matplotlib
@@ -399,7 +408,9 @@ def plots(rows: list, outdir: str) -> tuple:
     except Exception as exc:  # optional dependency
         return [], f"plots skipped: {INSTALL_EXTRAS_HINT} (matplotlib is not importable: {type(exc).__name__})"
     copy = {r["device"]: _num(r["value"]) for r in rows if r["op"] == CEILING_OP and r["mode"] == "copy"}
-    lines = defaultdict(lambda: defaultdict(lambda: defaultdict(list)))  # (op,dtype,dev)->mode->prov->[(x,v)]
+    matmul = {(r["device"], r["dtype"]): _num(r["value"]) for r in rows
+              if r["op"] == CEILING_OP and r["mode"] == "matmul"}
+    lines = defaultdict(lambda: defaultdict(lambda: defaultdict(list)))  # (op,series,dtype,dev)->mode->prov->[(x,v)]
     bars = defaultdict(lambda: defaultdict(dict))                        # (suite,dtype,dev)->cell->prov->µs
     units, xlabels = {}, {}
     for r in rows:
@@ -413,12 +424,13 @@ def plots(rows: list, outdir: str) -> tuple:
         x = _num(x) if x is not None else _shape_key(r["shape"])[-1]
         if x is None or x == math.inf:
             continue
-        key = (r["op"], r["dtype"], r["device"])
+        key = (r["op"], r.get("_series") or "", r["dtype"], r["device"])
         lines[key][r["mode"]][r["provider"]].append((x, v))
         units[key], xlabels[key] = r.get("unit") or "GB/s", r.get("_xlabel") or "N (normalized size)"
     files = []
-    for (op, dtype, dev), modes in lines.items():
-        unit = units[(op, dtype, dev)]
+    for (op, series, dtype, dev), modes in lines.items():
+        key, label = (op, series, dtype, dev), f"{op} {series}" if series else op
+        unit = units[key]
         fig, axes = plt.subplots(1, len(modes), figsize=(5 * len(modes), 4), squeeze=False)
         for ax, (mode, provs) in zip(axes[0], modes.items()):
             for prov, pts in provs.items():
@@ -426,17 +438,20 @@ def plots(rows: list, outdir: str) -> tuple:
                 ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=prov)
             if unit == "GB/s" and copy.get(dev):
                 ax.axhline(copy[dev], color="gray", linestyle="--", label="copy ceiling")
+            if unit == "TFLOP/s" and matmul.get((dev, dtype)):
+                ax.axhline(matmul[(dev, dtype)], color="gray", linestyle="--", label="matmul ceiling")
             ax.set_xscale("log", base=2)
             xs = sorted({p[0] for pts in provs.values() for p in pts})
             ax.set_xticks(xs)
             ax.set_xticklabels([f"{x:g}" for x in xs], rotation=45, fontsize=7)
             ax.minorticks_off()
-            ax.set_xlabel(xlabels[(op, dtype, dev)])
+            ax.set_xlabel(xlabels[key])
             ax.set_ylabel(unit)
-            ax.set_title(f"{op} {mode} ({dtype}, {dev})")
+            ax.set_title(f"{label} {mode} ({dtype}, {dev})")
             ax.grid(True, alpha=0.3)
             ax.legend(fontsize=7)
-        files.append(_save_figure(plt, fig, outdir, f"plot_{op}_{dtype}_{dev}.png"))
+        tag = op + ("_" + "".join(c if c.isalnum() else "" for c in series) if series else "")
+        files.append(_save_figure(plt, fig, outdir, f"plot_{tag}_{dtype}_{dev}.png"))
     for (suite, dtype, dev), cells in bars.items():
         provs = list(OrderedDict.fromkeys(p for per in cells.values() for p in per))
         fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(cells) * max(1, len(provs)) / 2), 4.5))

@@ -20,7 +20,9 @@ class LayerNorm(torch.nn.LayerNorm):
 
     Input (..., *normalized_shape) -> output of the same shape. Under autocast the output dtype
     is torch's: float32 inside a CUDA autocast region (layer_norm is on CUDA autocast's float32
-    list), the input's dtype under CPU autocast (which leaves layer_norm alone).
+    list), the input's dtype under CPU autocast (which leaves layer_norm alone). float32
+    parameters with a float16/bfloat16 input (mixed precision) run in the fused kernels, output
+    in the input's dtype.
     """
 
     _activation: Optional[str] = None

@@ -52,6 +52,12 @@ def eager_mode(tensors: tuple) -> int:
     return EAGER
 
 
+def in_functorch_transform() -> bool:
+    """Inside torch.func transforms (grad, vmap, jacrev, ...) outside Dynamo: such calls go through
+    an op's setup_context-style Function, whose generated vmap rule uses the custom ops' rules."""
+    return not _is_compiling() and _functorch_stack() is not None
+
+
 def cuda_autocast_fp32(device_type: str, tensors: tuple) -> tuple:
     """torch's CUDA autocast "fp32" policy (layer_norm, rms_norm, ...): inside an enabled CUDA
     autocast region, floating tensors other than float64 are cast to float32. Elsewhere — CPU

@@ -24,7 +24,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import _native, backends
-from ._common import EAGER, EAGER_GRAD, cuda_autocast_fp32, differentiable_grads, eager_mode, vmap_by_loop
+from ._common import (EAGER, EAGER_GRAD, cuda_autocast_fp32, differentiable_grads, eager_mode, in_functorch_transform,
+                      vmap_by_loop)
 
 # Activation codes shared with the kernels (csrc/include/pydl/layer_norm.h, pydl/triton).
 ACT_NONE, ACT_GELU, ACT_GELU_TANH = 0, 1, 2
@@ -47,8 +48,9 @@ def layer_norm(x: Tensor, weight: Optional[Tensor] = None, bias: Optional[Tensor
                eps: float = 1e-5, *, backend: Optional[str] = None) -> Tensor:
     """LayerNorm over the last dim.
 
-    x: (..., N) floating tensor; weight, bias: (N,) of x's dtype and device, or None.
-    Returns y: x's shape and dtype. ``backend`` forces "native", "triton" or "torch".
+    x: (..., N) floating tensor; weight, bias: (N,) on x's device, or None, of x's dtype or
+    (mixed precision, float16/bfloat16 x) both float32. Returns y: x's shape and dtype.
+    ``backend`` forces "native", "triton" or "torch".
     """
     return _forward("layer_norm", x, None, weight, bias, eps, ACT_NONE, backend)[0]
 
@@ -71,9 +73,10 @@ def add_layer_norm(x: Tensor, residual: Tensor, weight: Optional[Tensor] = None,
                    *, backend: Optional[str] = None) -> tuple[Tensor, Tensor]:
     """The pre-LN residual stream step: h = x + residual; y = activation(LayerNorm(h)).
 
-    x, residual: (..., N) of one dtype and device; weight, bias: (N,) or None;
-    activation: None, "gelu" or "gelu_tanh". Returns (y, h), both of x's shape and dtype
-    (h is rounded to x's dtype before it is normalized, exactly like the unfused torch code).
+    x, residual: (..., N) on one device; weight, bias: (N,) or None (dtypes as in layer_norm);
+    activation: None, "gelu" or "gelu_tanh". Returns (y, h), both of x's shape and of the dtype
+    of x + residual (type promotion, as torch; h is rounded to that dtype before it is
+    normalized, exactly like the unfused torch code).
     """
     act = _ACTIVATION_CODES.get(activation) if isinstance(activation, (str, type(None))) else None
     if act is None:
@@ -134,6 +137,8 @@ def _check_args(op: str, x, residual, weight, bias, eps) -> None:
             raise TypeError(f"{op}: {name} dtype {t.dtype} must match x dtype {dtype}"
                             + ("" if name == "residual" else
                                " (or be float32 for float16/bfloat16 x: torch's mixed precision)"))
+        if name == "bias" and weight is not None and t.dtype is not weight.dtype:
+            raise TypeError(f"{op}: bias dtype {t.dtype} must match weight dtype {weight.dtype}")
         if t.is_cpu is not on_cpu or (not on_cpu and t.get_device() != x.get_device()):
             raise ValueError(f"{op}: {name} is on {t.device} but x is on {x.device}")
     if type(eps) is not float and (isinstance(eps, bool) or not isinstance(eps, (int, float))):
@@ -143,21 +148,14 @@ def _check_args(op: str, x, residual, weight, bias, eps) -> None:
 
 
 def _native_reasons(key: tuple) -> list:
-    return backends.native_reasons(key[0], key[1], _NATIVE_CPU_DTYPES, _NATIVE_CUDA_DTYPES) + _mixed_reasons(key)
+    return backends.native_reasons(key[0], key[1], _NATIVE_CPU_DTYPES, _NATIVE_CUDA_DTYPES)
 
 
 def _triton_reasons(key: tuple) -> list:
     reasons = backends.triton_reasons(key[0], key[1], _TRITON_DTYPES)
     if key[2]:
         reasons.append(f"normalized size > {TRITON_MAX_N}")
-    return reasons + _mixed_reasons(key)
-
-
-def _mixed_reasons(key: tuple) -> list:
-    if key[3]:
-        return ["float32 weight/bias with a float16/bfloat16 x (mixed precision) is not implemented "
-                "in the fused kernels yet"]
-    return []
+    return reasons
 
 
 # Unmeasured on a GPU so far: native first because its backward reduction was designed for
@@ -171,10 +169,11 @@ def _device_type(x: Tensor) -> str:
     return "cpu" if x.is_cpu else "cuda" if x.is_cuda else x.device.type
 
 
-def _key(x: Tensor, mixed: bool = False) -> tuple:
-    """The call class the backend choice depends on: (device type, dtype, N above Triton's range,
-    mixed-precision parameters); both norms run on the same kernels."""
-    return _device_type(x), x.dtype, x.shape[-1] > TRITON_MAX_N, mixed
+def _key(x: Tensor) -> tuple:
+    """The call class the backend choice depends on: (device type, dtype, N above Triton's range);
+    both norms run on the same kernels, and every kernel backend takes float32 parameters with a
+    float16/bfloat16 x (mixed precision) as well as parameters of x's dtype."""
+    return _device_type(x), x.dtype, x.shape[-1] > TRITON_MAX_N
 
 
 def choose_backend(x: Tensor, backend: Optional[str] = None, op: str = "layer_norm") -> str:
@@ -188,12 +187,15 @@ def _forward(op, x, residual, weight, bias, eps, act, backend, norm=NORM_LAYER):
     if x.is_cuda:
         x, residual, weight, bias = cuda_autocast_fp32("cuda", (x, residual, weight, bias))
     if residual is not None and residual.dtype is not x.dtype:  # h = x + residual promotes, as torch
-        dtype = torch.promote_types(x.dtype, residual.dtype)
+        dtype = torch.promote_types(x.dtype, residual.dtype)  # float32 or float64: dtypes differ
         x, residual = x.to(dtype), residual.to(dtype)
+        # Parameters of x's old dtype are promoted with it (as F.rms_norm's composition does).
+        if weight is not None and weight.dtype is not dtype:
+            weight = weight.to(dtype)
+        if bias is not None and bias.dtype is not dtype:
+            bias = bias.to(dtype)
     tensors = (x, residual, weight, bias)
-    mixed = ((weight is not None and weight.dtype is not x.dtype)
-             or (bias is not None and bias.dtype is not x.dtype))
-    name = DISPATCH.choose(_key(x, mixed), backend)
+    name = DISPATCH.choose(_key(x), backend)
     if name == "torch":
         return _torch_forward(x, residual, weight, bias, eps, act, norm)
     eps = float(eps)
@@ -203,15 +205,11 @@ def _forward(op, x, residual, weight, bias, eps, act, backend, norm=NORM_LAYER):
         return y, h
     if mode == EAGER_GRAD:
         return _EagerLayerNorm.apply(x, residual, weight, bias, eps, act, norm, name)
-    if _in_functorch_transform():
+    if in_functorch_transform():
         y, h, _ = _FunctorchLayerNorm.apply(x, residual, weight, bias, eps, act, norm, name)
     else:  # torch.compile / torch.export / fake tensors / dispatch modes / subclasses
         y, h, _ = torch.ops.pydl.layer_norm_fwd(x, residual, weight, bias, eps, act, norm, name)
     return y, (h if residual is not None else None)
-
-
-def _in_functorch_transform() -> bool:
-    return not torch.compiler.is_compiling() and torch._C._functorch.peek_interpreter_stack() is not None
 
 
 # ---- the torch backend: torch's own fused ops, torch's autograd ----------------------------------
@@ -301,6 +299,7 @@ def _native_fwd(x, residual, weight, bias, eps, act, norm, with_stats=True):
         mean_ptr, rstd_ptr = _stats_ptrs(stats)
     code = _native.DTYPE_CODES[x.dtype]
     weight, bias = _contiguous(weight), _contiguous(bias)
+    p_code = _param_code(weight, bias, code)
     w_ptr = 0 if weight is None else weight.data_ptr()
     b_ptr = 0 if bias is None else bias.data_ptr()
     r_ptr = 0 if residual is None else residual.data_ptr()
@@ -308,11 +307,11 @@ def _native_fwd(x, residual, weight, bias, eps, act, norm, with_stats=True):
     if x.is_cuda:
         with _native.cuda_device(x):
             _native.module().layer_norm_fwd_cuda(
-                m, n, code, x.data_ptr(), x_ld, r_ptr, r_ld, code, w_ptr, b_ptr, y.data_ptr(), h_ptr,
+                m, n, code, x.data_ptr(), x_ld, r_ptr, r_ld, p_code, w_ptr, b_ptr, y.data_ptr(), h_ptr,
                 mean_ptr, rstd_ptr, eps, act, norm, _native.cuda_stream(x))
     else:
         _native.module().layer_norm_fwd_cpu(
-            m, n, code, x.data_ptr(), x_ld, r_ptr, r_ld, code, w_ptr, b_ptr, y.data_ptr(), h_ptr,
+            m, n, code, x.data_ptr(), x_ld, r_ptr, r_ld, p_code, w_ptr, b_ptr, y.data_ptr(), h_ptr,
             mean_ptr, rstd_ptr, eps, act, norm, torch.get_num_threads())
     return y, h, stats
 
@@ -320,7 +319,7 @@ def _native_fwd(x, residual, weight, bias, eps, act, norm, with_stats=True):
 def _native_bwd(dy, dh, x, weight, bias, stats, act, norm, need_dw, need_db):
     n = x.shape[-1]
     if x.numel() == 0:
-        return _empty_bwd(dh, x, need_dw, need_db)
+        return _empty_bwd(dh, x, weight, bias, need_dw, need_db)
     dx = x.new_empty(x.shape)
     x, x_ld = _rows(x, n)
     dy, dy_ld = _rows(dy, n)
@@ -328,11 +327,12 @@ def _native_bwd(dy, dh, x, weight, bias, stats, act, norm, need_dw, need_db):
     if dh is not None:
         dh, dh_ld = _rows(dh, n)
     m = x.numel() // n
-    dw = x.new_empty(n) if need_dw else None
-    db = x.new_empty(n) if need_db else None
+    dw = x.new_empty(n, dtype=weight.dtype) if need_dw else None
+    db = x.new_empty(n, dtype=bias.dtype) if need_db else None
     code = _native.DTYPE_CODES[x.dtype]
     weight, bias = _contiguous(weight), _contiguous(bias)
-    args = (m, n, code, dy.data_ptr(), dy_ld, _ptr(dh), dh_ld, x.data_ptr(), x_ld, code, _ptr(weight),
+    args = (m, n, code, dy.data_ptr(), dy_ld, _ptr(dh), dh_ld, x.data_ptr(), x_ld,
+            _param_code(weight, bias, code), _ptr(weight),
             _ptr(bias), *_stats_ptrs(stats), dx.data_ptr(), _ptr(dw), _ptr(db), act, norm)
     c = _native.module()
     if x.is_cuda:
@@ -347,12 +347,20 @@ def _native_bwd(dy, dh, x, weight, bias, stats, act, norm, need_dw, need_db):
     return dx, dw, db
 
 
-def _empty_bwd(dh, x, need_dw, need_db):
+def _param_code(weight: Optional[Tensor], bias: Optional[Tensor], x_code: int) -> int:
+    """The kernels' dtype code of the parameters (and their gradients): x's, or float32's (mixed
+    precision); x's when there are none."""
+    p = weight if weight is not None else bias
+    return x_code if p is None else _native.DTYPE_CODES[p.dtype]
+
+
+def _empty_bwd(dh, x, weight, bias, need_dw, need_db):
     n = x.shape[-1]
     dx = dh.clone(memory_format=torch.contiguous_format) if dh is not None else torch.empty_like(
         x, memory_format=torch.contiguous_format)
-    zeros = lambda: x.new_zeros(n)  # noqa: E731 - the sum over no rows
-    return dx, (zeros() if need_dw else None), (zeros() if need_db else None)
+    # the sums over no rows, in the parameters' dtypes
+    return (dx, x.new_zeros(n, dtype=weight.dtype) if need_dw else None,
+            x.new_zeros(n, dtype=bias.dtype) if need_db else None)
 
 
 def _triton_module():
@@ -375,7 +383,7 @@ def _triton_fwd(x, residual, weight, bias, eps, act, norm, with_stats=True):
 def _triton_bwd(dy, dh, x, weight, bias, stats, act, norm, need_dw, need_db):
     n = x.shape[-1]
     if x.numel() == 0:
-        return _empty_bwd(dh, x, need_dw, need_db)
+        return _empty_bwd(dh, x, weight, bias, need_dw, need_db)
     stats = stats.contiguous()
     dx, dw, db = _triton_module().layer_norm_bwd(
         _matrix(dy, n), _matrix(dh, n), _matrix(x, n), _contiguous(weight), _contiguous(bias),
@@ -504,8 +512,8 @@ def layer_norm_bwd(dy: Tensor, dh: Optional[Tensor], x: Tensor, weight: Optional
 @layer_norm_bwd.register_fake
 def _(dy, dh, x, weight, bias, stats, activation, norm, need_weight_grad, need_bias_grad, backend):
     n = x.shape[-1]
-    dw = x.new_empty(n) if need_weight_grad else x.new_empty(0)
-    db = x.new_empty(n) if need_bias_grad else x.new_empty(0)
+    dw = x.new_empty(n, dtype=weight.dtype) if need_weight_grad else x.new_empty(0)
+    db = x.new_empty(n, dtype=bias.dtype) if need_bias_grad else x.new_empty(0)
     return torch.empty_like(x, memory_format=torch.contiguous_format), dw, db
 
 

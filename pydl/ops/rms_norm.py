@@ -37,9 +37,10 @@ def rms_norm(x: Tensor, weight: Optional[Tensor] = None, eps: Optional[float] = 
              backend: Optional[str] = None) -> Tensor:
     """RMSNorm over the last dim.
 
-    x: (..., N) floating tensor; weight: (N,) of x's dtype and device, or None; eps: None means
-    torch's default (float32's epsilon; float64's for float64 x). Returns y of x's shape and dtype. ``backend`` forces
-    "native", "triton" or "torch".
+    x: (..., N) floating tensor; weight: (N,) on x's device, of x's dtype or (mixed precision,
+    float16/bfloat16 x) float32, or None; eps: None means torch's default (float32's epsilon;
+    float64's for float64 x). Returns y of x's shape and dtype. ``backend`` forces "native",
+    "triton" or "torch".
     """
     return _forward("rms_norm", x, None, weight, None, _eps(x, eps), ACT_NONE, backend, NORM_RMS)[0]
 
@@ -47,8 +48,9 @@ def rms_norm(x: Tensor, weight: Optional[Tensor] = None, eps: Optional[float] = 
 def add_rms_norm(x: Tensor, residual: Tensor, weight: Optional[Tensor] = None,
                  eps: Optional[float] = None, *, backend: Optional[str] = None) -> tuple[Tensor, Tensor]:
     """The pre-norm residual stream step of LLaMA-style models: h = x + residual;
-    y = RMSNorm(h). x, residual: (..., N); weight: (N,) or None. Returns (y, h) of x's shape
-    and dtype (h rounded to x's dtype before it is normalized, like the unfused torch code)."""
+    y = RMSNorm(h). x, residual: (..., N); weight: (N,) or None (dtypes as in rms_norm). Returns
+    (y, h) of x's shape and of the dtype of x + residual (type promotion, as torch; h is rounded to
+    it before it is normalized, like the unfused torch code)."""
     if not isinstance(residual, Tensor):
         raise TypeError(f"add_rms_norm: residual must be a Tensor, got {type(residual).__name__}")
     return _forward("add_rms_norm", x, residual, weight, None, _eps(x, eps), ACT_NONE, backend, NORM_RMS)

@@ -38,6 +38,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._common import _range  # loops with runtime bounds (Triton 3.6's interpreter: see there)
+
 # Largest single-tile row (elements) for the forward / backward fused kernels.
 FWD_MAX_TILE = 16384
 BWD_MAX_TILE = 8192
@@ -54,28 +56,6 @@ _SQRT_2_OVER_PI = tl.constexpr(0.7978845608028654)
 _INV_SQRT_2 = tl.constexpr(0.7071067811865476)
 _INV_SQRT_2PI = tl.constexpr(0.3989422804014327)
 _GELU_C = tl.constexpr(0.044715)
-
-
-# ---------------------------------------------------------------------------------------
-# loops with runtime bounds: `for i in _range(start, stop, step)`
-# ---------------------------------------------------------------------------------------
-# Compiled, `_range` is `tl.range`, which the code generator lowers exactly like the builtin
-# `range` (one scf.for over the same bounds; no pipelining/unrolling hints), so the kernels'
-# code is unchanged.  Under the Triton interpreter it is a Python `range` over the bounds'
-# integer values: Triton 3.6's interpreter turns a scalar bound into an int with `int()` of
-# its shape-(1,) NumPy array, which NumPy >= 2.4 refuses ("only 0-dimensional arrays can be
-# converted to Python scalars"; fixed in Triton 3.7).  `@triton.jit` picks interpreter or
-# compiler from the same knob when the kernels below are defined.
-def _interpreter_int(v) -> int:
-    handle = getattr(v, "handle", None)  # an interpreted tl.tensor: a 1-element NumPy array
-    return int(handle.data.item()) if handle is not None else int(v)
-
-
-def _interpreter_range(start, stop, step=1):
-    return range(_interpreter_int(start), _interpreter_int(stop), _interpreter_int(step))
-
-
-_range = _interpreter_range if triton.knobs.runtime.interpret else tl.range
 
 
 # ---------------------------------------------------------------------------------------
@@ -537,8 +517,9 @@ def layer_norm_fwd(x, residual, weight, bias, eps: float, activation: int, rms: 
     optional residual add and GELU.
 
     x: (M, N), unit last stride, any row stride; residual: same shape or None (own row stride);
-    weight/bias: (N,) contiguous or None (rms: bias must be None); activation: 0 none, 1 gelu
-    (erf), 2 gelu (tanh).
+    weight/bias: (N,) contiguous or None (rms: bias must be None), of x's dtype or float32 (mixed
+    precision: the kernels load them into the accumulation dtype either way); activation: 0 none,
+    1 gelu (erf), 2 gelu (tanh).
     Returns (y, h, stats): y (M, N) contiguous x.dtype; h = x + residual rounded to
     x.dtype, contiguous (None without residual); stats (2, M) float32 (float64 for float64
     x): row 0 the mean (rms: 0), row 1 rstd = 1/sqrt(biased var + eps) (rms:

@@ -1,4 +1,4 @@
-// Emulated-execution tests of csrc/cuda/layer_norm.cu against a float64 reference.
+// Emulated-execution tests of csrc/cuda/layer_norm_{fwd,bwd,dweight}.cu against a float64 reference.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -79,6 +79,9 @@ double actg_ref(double z, int act) {
   return 1;
 }
 
+// " params=f32" for mixed-precision parameters (P = float with a 16-bit T), else "".
+template <typename T, typename P> const char* param_suffix() { return std::is_same_v<T, P> ? "" : " params=f32"; }
+
 template <typename T> double out_rtol() { return std::is_same_v<T, float> ? 2e-5 : std::is_same_v<T, __half> ? 2e-3 : 1.6e-2; }
 
 bool close(double got, double ref, double atol, double rtol) {
@@ -106,16 +109,18 @@ static bool g_rms = false;
 float rnd(float mean = 0.0f, float sd = 1.0f) {
   if (sd == 0.0f) return mean; std::normal_distribution<float> d(mean, sd); return d(rng); }
 
-template <typename T>
+// P: the parameters' storage type (T, or float: mixed precision).
+template <typename T, typename P = T>
 void test_fwd(int64_t M, int64_t N, bool res, bool hw, bool hb, int act, int pad, int mis, int out_mis = 0) {
   char nm[256];
-  std::snprintf(nm, sizeof nm, "%s %s M=%ld N=%ld res=%d w=%d b=%d act=%d pad=%d mis=%d omis=%d", g_rms ? "rms fwd" : "fwd", tname<T>(), (long)M, (long)N, res, hw, hb, act, pad, mis, out_mis);
+  std::snprintf(nm, sizeof nm, "%s %s%s M=%ld N=%ld res=%d w=%d b=%d act=%d pad=%d mis=%d omis=%d", g_rms ? "rms fwd" : "fwd", tname<T>(), param_suffix<T, P>(), (long)M, (long)N, res, hw, hb, act, pad, mis, out_mis);
   if (g_rms) hb = false;
   Report rep{nm};
   if (std::getenv("EMU_VERBOSE")) { static auto t0 = std::chrono::steady_clock::now(); std::fprintf(stderr, "%.2f %s\n", std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count(), nm); }
-  Buf<T> x(M, N, N + pad, mis), r(M, N, N + 2 * pad, mis), y(M, N, N, out_mis), h(M, N, N, out_mis), w(1, N, N, 0), b(1, N, N, 0);
+  Buf<T> x(M, N, N + pad, mis), r(M, N, N + 2 * pad, mis), y(M, N, N, out_mis), h(M, N, N, out_mis);
+  Buf<P> w(1, N, N, 0), b(1, N, N, 0);
   for (int64_t i = 0; i < M; ++i) for (int64_t j = 0; j < N; ++j) { x.at(i, j) = ff<T>(rnd(g_x_mean, g_x_sd)); r.at(i, j) = ff<T>(rnd()); }
-  for (int64_t j = 0; j < N; ++j) { w.at(0, j) = ff<T>(rnd(1.0f, 0.5f)); b.at(0, j) = ff<T>(rnd(0.0f, 0.5f)); }
+  for (int64_t j = 0; j < N; ++j) { w.at(0, j) = ff<P>(rnd(1.0f, 0.5f)); b.at(0, j) = ff<P>(rnd(0.0f, 0.5f)); }
   std::vector<float> mean(M + 1, -7.f), rstd(M + 1, -7.f);
   LayerNormFwdArgs a;
   a.x = x.view2();
@@ -164,15 +169,17 @@ void test_fwd(int64_t M, int64_t N, bool res, bool hw, bool hb, int act, int pad
   rep.done();
 }
 
-template <typename T>
+template <typename T, typename P = T>
 void test_bwd(int64_t M, int64_t N, bool hdh, bool hw, bool hb, bool want_dw, bool want_db, int act, int pad, int mis, int64_t ws_rows = -1) {
   char nm[256];
-  std::snprintf(nm, sizeof nm, "%s %s M=%ld N=%ld dh=%d w=%d b=%d dw=%d db=%d act=%d pad=%d mis=%d ws=%ld", g_rms ? "rms bwd" : "bwd", tname<T>(), (long)M, (long)N, hdh, hw, hb, want_dw, want_db, act, pad, mis, (long)ws_rows);
+  std::snprintf(nm, sizeof nm, "%s %s%s M=%ld N=%ld dh=%d w=%d b=%d dw=%d db=%d act=%d pad=%d mis=%d ws=%ld", g_rms ? "rms bwd" : "bwd", tname<T>(), param_suffix<T, P>(), (long)M, (long)N, hdh, hw, hb, want_dw, want_db, act, pad, mis, (long)ws_rows);
+  if (g_rms) { hb = false; want_db = false; }  // RMSNorm has no bias
   Report rep{nm};
   if (std::getenv("EMU_VERBOSE")) { static auto t0 = std::chrono::steady_clock::now(); std::fprintf(stderr, "%.2f %s\n", std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count(), nm); }
-  Buf<T> x(M, N, N + pad, mis), dy(M, N, N + 3 * pad, mis), dh(M, N, N + pad, mis), dx(M, N, N, 0), w(1, N, N, 0), b(1, N, N, 0), dw(1, N, N, 0), db(1, N, N, 0);
+  Buf<T> x(M, N, N + pad, mis), dy(M, N, N + 3 * pad, mis), dh(M, N, N + pad, mis), dx(M, N, N, 0);
+  Buf<P> w(1, N, N, 0), b(1, N, N, 0), dw(1, N, N, 0), db(1, N, N, 0);
   for (int64_t i = 0; i < M; ++i) for (int64_t j = 0; j < N; ++j) { x.at(i, j) = ff<T>(rnd(0.2f, 1.3f)); dy.at(i, j) = ff<T>(rnd()); dh.at(i, j) = ff<T>(rnd()); }
-  for (int64_t j = 0; j < N; ++j) { w.at(0, j) = ff<T>(rnd(1.0f, 0.5f)); b.at(0, j) = ff<T>(rnd(0.0f, 0.5f)); }
+  for (int64_t j = 0; j < N; ++j) { w.at(0, j) = ff<P>(rnd(1.0f, 0.5f)); b.at(0, j) = ff<P>(rnd(0.0f, 0.5f)); }
   std::vector<float> mean(M + 1), rstd(M + 1);
   for (int64_t i = 0; i < M; ++i) {
     double mu = 0; for (int64_t j = 0; j < N; ++j) mu += tf(x.at(i, j)); mu /= N;
@@ -182,8 +189,8 @@ void test_bwd(int64_t M, int64_t N, bool hdh, bool hw, bool hb, bool want_dw, bo
   }
   // RMS: the mean row (0 from the forward) is never read: pass garbage.
   if (g_rms) for (int64_t i = 0; i < M; ++i) mean[i] = 123.0f;
-  const int64_t P = ws_rows > 0 ? ws_rows : layer_norm_bwd_cuda_num_partials(M, N);
-  std::vector<float> ws(P * 2 * N + 16, std::nanf(""));
+  const int64_t parts = ws_rows > 0 ? ws_rows : layer_norm_bwd_cuda_num_partials(M, N);
+  std::vector<float> ws(parts * 2 * N + 16, std::nanf(""));
   LayerNormBwdArgs a;
   a.dy = dy.view2(); if (hdh) a.dh = dh.view2(); a.x = x.view2();
   if (hw) a.weight = w.view1();
@@ -193,10 +200,10 @@ void test_bwd(int64_t M, int64_t N, bool hdh, bool hw, bool hb, bool want_dw, bo
   a.dx = dx.view2();
   if (want_dw) a.dweight = dw.view1();
   if (want_db) a.dbias = db.view1();
-  if (want_dw || want_db) { a.workspace.data = ws.data(); a.workspace.dtype = DType::kFloat32; a.workspace.ndim = 2; a.workspace.sizes[0] = P; a.workspace.sizes[1] = 2 * N; a.workspace.strides[0] = 2 * N; a.workspace.strides[1] = 1; a.workspace.defined = true; }
+  if (want_dw || want_db) { a.workspace.data = ws.data(); a.workspace.dtype = DType::kFloat32; a.workspace.ndim = 2; a.workspace.sizes[0] = parts; a.workspace.sizes[1] = 2 * N; a.workspace.strides[0] = 2 * N; a.workspace.strides[1] = 1; a.workspace.defined = true; }
   a.act = static_cast<Activation>(act);
   a.norm = g_rms ? Norm::kRms : Norm::kLayer;
-  for (int64_t j = 0; j < N; ++j) { dw.at(0, j) = ff<T>(12345.f); db.at(0, j) = ff<T>(12345.f); }
+  for (int64_t j = 0; j < N; ++j) { dw.at(0, j) = ff<P>(12345.f); db.at(0, j) = ff<P>(12345.f); }
   layer_norm_bwd_cuda(a, nullptr);
   std::vector<double> rdw(N, 0), rdb(N, 0), absw(N, 0);
   for (int64_t i = 0; i < M; ++i) {
@@ -221,12 +228,12 @@ void test_bwd(int64_t M, int64_t N, bool hdh, bool hw, bool hb, bool want_dw, bo
     }
   }
   for (int64_t j = 0; j < N; ++j) {
-    if (want_dw) { const double got = tf(dw.at(0, j)); rep.check(close(got, rdw[j], 1e-5 * absw[j] + 1e-6, out_rtol<T>()), "dw col " + std::to_string(j) + " got " + std::to_string(got) + " ref " + std::to_string(rdw[j]), std::fabs(got - rdw[j])); }
-    else rep.check(tf(dw.at(0, j)) == tf(ff<T>(12345.f)), "dw written", 0);
-    if (want_db) { const double got = tf(db.at(0, j)); rep.check(close(got, rdb[j], 1e-5 * absw[j] + 1e-6, out_rtol<T>()), "db col " + std::to_string(j) + " got " + std::to_string(got) + " ref " + std::to_string(rdb[j]), std::fabs(got - rdb[j])); }
-    else rep.check(tf(db.at(0, j)) == tf(ff<T>(12345.f)), "db written", 0);
+    if (want_dw) { const double got = tf(dw.at(0, j)); rep.check(close(got, rdw[j], 1e-5 * absw[j] + 1e-6, out_rtol<P>()), "dw col " + std::to_string(j) + " got " + std::to_string(got) + " ref " + std::to_string(rdw[j]), std::fabs(got - rdw[j])); }
+    else rep.check(tf(dw.at(0, j)) == tf(ff<P>(12345.f)), "dw written", 0);
+    if (want_db) { const double got = tf(db.at(0, j)); rep.check(close(got, rdb[j], 1e-5 * absw[j] + 1e-6, out_rtol<P>()), "db col " + std::to_string(j) + " got " + std::to_string(got) + " ref " + std::to_string(rdb[j]), std::fabs(got - rdb[j])); }
+    else rep.check(tf(db.at(0, j)) == tf(ff<P>(12345.f)), "db written", 0);
   }
-  for (int e = 0; e < 16; ++e) rep.check(std::isnan(ws[P * 2 * N + e]), "workspace written past P rows", 0);
+  for (int e = 0; e < 16; ++e) rep.check(std::isnan(ws[parts * 2 * N + e]), "workspace written past its rows", 0);
   // Determinism: run again, compare bits.
   std::vector<unsigned char> dx1(dx.raw), dw1(dw.raw), db1(db.raw);
   layer_norm_bwd_cuda(a, nullptr);
@@ -315,6 +322,78 @@ void run_rms(bool quick) {
   g_rms = false;
 }
 
+// The parameters' dtype (mixed precision: float32 weight / bias / dweight / dbias with a 16-bit
+// x; anything else but x's own dtype is invalid_argument naming the argument).
+void test_param_dtype_validation() {
+  Report rep{"param dtype validation"};
+  Buf<__nv_bfloat16> x(2, 8, 8, 0), y(2, 8, 8, 0), dx(2, 8, 8, 0), wb(1, 8, 8, 0);
+  Buf<__half> xh(2, 8, 8, 0), yh(2, 8, 8, 0);
+  Buf<float> xf(2, 8, 8, 0), yf(2, 8, 8, 0), w(1, 8, 8, 0), b(1, 8, 8, 0), dw(1, 8, 8, 0);
+  Buf<__half> wh(1, 8, 8, 0);
+  std::vector<float> mean(2), rstd(2, 1.0f);
+  auto expect = [&](const std::function<void()>& f, const char* what, const char* needle) {
+    std::string msg = "no exception";
+    try { f(); } catch (const std::invalid_argument& e) { msg = e.what(); } catch (const std::exception& e) { msg = std::string("wrong type: ") + e.what(); }
+    rep.check(msg.find(needle) != std::string::npos, std::string(what) + ": " + msg, 0);
+  };
+  auto fwd = [&](const TensorView& xv, const TensorView& yv, const TensorView& wv, const TensorView& bv) {
+    LayerNormFwdArgs a; a.x = xv; a.y = yv; a.weight = wv; a.bias = bv;
+    a.mean = fview1(mean.data(), 2); a.rstd = fview1(rstd.data(), 2);
+    layer_norm_fwd_cuda(a, nullptr);
+  };
+  expect([&] { fwd(xh.view2(), yh.view2(), wb.view1(), TensorView{}); }, "fp16 x, bf16 weight",
+         "weight dtype bfloat16 must be x's dtype float16");
+  expect([&] { fwd(xf.view2(), yf.view2(), TensorView{}, wh.view1()); }, "fp32 x, fp16 bias",
+         "bias dtype float16 must be x's dtype float32");
+  expect([&] { fwd(x.view2(), y.view2(), w.view1(), wb.view1()); }, "fp32 weight, bf16 bias",
+         "bias dtype bfloat16 must match weight dtype float32");
+  expect([&] {
+    LayerNormBwdArgs a; a.dy = x.view2(); a.x = x.view2(); a.dx = dx.view2(); a.weight = w.view1();
+    a.mean = fview1(mean.data(), 2); a.rstd = fview1(rstd.data(), 2); a.dweight = wb.view1();
+    layer_norm_bwd_cuda(a, nullptr);
+  }, "bf16 dweight of an fp32 weight", "dweight must have dtype float32");
+  rep.done();
+}
+
+// Mixed precision: float32 parameters with a float16 / bfloat16 x, through every kernel (cached
+// forward per E, both VEC paths, uncached forward with / without h, backward rows / uncached with
+// dw in registers, shared memory and the workspace), both norms, weight only / bias only.
+void run_mixed(bool quick) {
+  test_param_dtype_validation();
+  for (int rms = 0; rms < 2; ++rms) {
+    g_rms = rms == 1;
+    for (int64_t N : {8, 97, 384, 1024, 1025, 2048}) {
+      test_fwd<__nv_bfloat16, float>(5, N, true, true, true, N % 3, N % 2 ? 8 : 0, 0);
+      test_fwd<__half, float>(6, N, false, true, true, 1, 3, 1);  // misaligned: scalar path
+      test_fwd<__half, float>(5, N, true, false, true, 2, 0, 0);  // bias only (LN)
+      test_bwd<__nv_bfloat16, float>(7, N, true, true, true, true, true, (N + 1) % 3, 0, 0);
+      test_bwd<__half, float>(6, N, false, true, true, true, true, 2, 3, 1);
+      test_bwd<__nv_bfloat16, float>(5, N, true, false, true, false, true, 1, 0, 0);
+    }
+    test_fwd<__nv_bfloat16, float>(20, 2048, true, true, true, 0, 0, 0);  // grid-stride loops
+    test_bwd<__half, float>(40, 768, true, true, true, true, true, 1, 0, 0);
+    // long rows: ln_fwd_uncached (vector, and scalar with h), ln_bwd_uncached (dw in shared
+    // memory, in the workspace; scalar)
+    test_fwd<__nv_bfloat16, float>(5, 32776, true, true, true, 1, 0, 0);
+    test_fwd<__half, float>(2, 32776, false, true, true, 0, 0, 0);
+    test_fwd<__half, float>(3, 8193, true, true, true, 2, 0, 0);
+    test_bwd<__nv_bfloat16, float>(3, 8200, true, true, true, true, true, 0, 0, 0);
+    test_bwd<__half, float>(2, 16392, false, true, true, true, true, 2, 0, 0);
+    test_bwd<__nv_bfloat16, float>(3, 4097, true, true, true, true, true, 1, 0, 0);
+    test_bwd<__half, float>(2, 5000, false, true, false, true, false, 0, 1, 1);
+    test_bwd<__nv_bfloat16, float>(0, 64, false, true, true, true, true, 0, 0, 0, 1);  // M = 0 -> zeros
+    if (!quick) {
+      for (int64_t N : {4096, 8192, 16384, 24576}) {
+        test_fwd<__nv_bfloat16, float>(3, N, true, true, true, N % 3, 0, 0);
+        test_bwd<__half, float>(3, N, true, true, true, true, true, 1, 1, 0);
+      }
+      test_fwd<__nv_bfloat16, float>(2, 65544, true, true, true, 1, 0, 0);
+      test_bwd<__nv_bfloat16, float>(2, 65544, true, true, true, true, true, 1, 0, 0);
+    }
+  }
+  g_rms = false;
+}
+
 int main(int argc, char** argv) {
   setvbuf(stdout, nullptr, _IONBF, 0);
   pydl_emulation::g_smem = pydl::cuda::pydl_dynamic_smem;
@@ -394,6 +473,7 @@ int main(int argc, char** argv) {
     }
   }
   if (which == "rms" || which == "all" || quick) run_rms(which != "all");  // "rms": the quick RMS set
+  if (which == "mixed" || which == "all" || quick) run_mixed(which != "all");  // "mixed": the quick set
   std::printf("%d checks, %d failing tests, %ld launches\n", g_checks, g_fail, (long)pydl_emulation::g_launches.load());
   return g_fail ? 1 : 0;
 }

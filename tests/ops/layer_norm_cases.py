@@ -113,9 +113,15 @@ def run_ref(v: Variant, x, residual, weight, bias, eps=1e-5, h_dtype=None) -> tu
 def run_torch(v: Variant, x, residual, weight, bias, eps=1e-5) -> tuple:
     """torch's own unfused composition, in the inputs' dtype (the low-precision yardstick)."""
     h = x + residual if v.has_residual else x
+    if h.dtype != x.dtype:  # a promoted residual stream promotes x's parameters too (pydl, F.rms_norm)
+        weight, bias = (t if t is None else t.to(h.dtype) for t in (weight, bias))
     if v.rms:
         y = F.rms_norm(h, (h.shape[-1],), weight, eps)
         return (y, h) if v.has_residual else (y,)
+    if weight is None and bias is not None and bias.dtype != h.dtype:
+        # torch 2.13's CPU backward of a float32 bias without a weight for a 16-bit h fails
+        # ("expected scalar type BFloat16 but found Float"): the same computation with weight 1.
+        weight = torch.ones_like(bias)
     y = F.layer_norm(h, (h.shape[-1],), weight, bias, eps)
     if v.act is not None:
         y = F.gelu(y, approximate=APPROXIMATE[v.act])
@@ -139,17 +145,20 @@ class Case(TensorCase):
 
 
 def make_case(v: Variant, shape, dtype, device, *, weight=True, bias=True, layout="contiguous",
-              scale=1.0, offset=0.0, requires_grad=True) -> Case:
+              scale=1.0, offset=0.0, requires_grad=True, param_dtype=None, residual_dtype=None) -> Case:
     """Random inputs of ``v``: x (and residual) of ``shape`` in ``layout``, weight ~ 1 + randn;
-    never a bias for the RMSNorm family."""
+    never a bias for the RMSNorm family. ``param_dtype`` (default ``dtype``): weight and bias
+    (float32 with a float16/bfloat16 x: mixed precision); ``residual_dtype`` (default ``dtype``):
+    the residual stream's."""
     n = shape[-1]
     bias = bias and not v.rms
     playout = param_layout(layout)
+    pdt = param_dtype or dtype
     x = make_input(shape, dtype, device, layout, scale=scale, offset=offset, requires_grad=requires_grad)
-    r = (make_input(shape, dtype, device, layout, scale=scale, requires_grad=requires_grad)
+    r = (make_input(shape, residual_dtype or dtype, device, layout, scale=scale, requires_grad=requires_grad)
          if v.has_residual else None)
-    w = make_param(n, dtype, device, playout, requires_grad=requires_grad, offset=1.0) if weight else None
-    b = make_param(n, dtype, device, playout, requires_grad=requires_grad) if bias else None
+    w = make_param(n, pdt, device, playout, requires_grad=requires_grad, offset=1.0) if weight else None
+    b = make_param(n, pdt, device, playout, requires_grad=requires_grad) if bias else None
     return Case(x, r, w, b)
 
 
@@ -175,15 +184,19 @@ def constant_rows_case(v: Variant, n, dtype, device) -> Case:
 
 def check_op(v: Variant, shape, dtype, device="cpu", backend="native", *, weight=True, bias=True,
              eps=1e-5, layout="contiguous", grad_layout="contiguous", used="all", scale=1.0,
-             offset=0.0, grads=True, case: Optional[Case] = None, stress=False):
-    """Run one variant through pydl, the float64 reference and torch in ``dtype``; compare all.
+             offset=0.0, grads=True, case: Optional[Case] = None, stress=False, param_dtype=None):
+    """Run one variant through pydl, the float64 reference and torch on the same inputs (each in
+    its own dtype); compare the outputs (all of ``dtype``) and every gradient (each in its
+    input's dtype).
 
     used: which outputs feed the loss: "all", "y" or "h" (add_layer_norm only).
+    param_dtype: as in make_case (mixed precision). A ``case`` with a residual stream of another
+    dtype than x has outputs of the promoted dtype (x + residual's): pass that as ``dtype``.
     """
     device = torch.device(device)
     if case is None:
         case = make_case(v, shape, dtype, device, weight=weight, bias=bias, layout=layout,
-                         scale=scale, offset=offset, requires_grad=grads)
+                         scale=scale, offset=offset, requires_grad=grads, param_dtype=param_dtype)
     named = case.named()
     before = snapshot(named)
 
@@ -197,7 +210,7 @@ def check_op(v: Variant, shape, dtype, device="cpu", backend="native", *, weight
     ct = None
     touts = [None] * len(outs)
     if dtype != FP64:
-        ct = case.copy(dtype, requires_grad=grads)
+        ct = case.copy(requires_grad=grads)
         touts = run_torch(v, ct.x, ct.residual, ct.weight, ct.bias, eps)
     assert_outputs_close(names, outs, refs, touts, dtype=dtype, label=v.id, stress=stress)
     if not grads:
@@ -211,7 +224,7 @@ def check_op(v: Variant, shape, dtype, device="cpu", backend="native", *, weight
     if ct is not None:
         have_torch = _grads(touts, ct.tensors(), gouts)
     dx_scale = _dx_scale(v, c64, gouts, eps)
-    assert_grads_close(named, got, want, have_torch, dtype=dtype, label=v.id,
+    assert_grads_close(named, got, want, have_torch, label=v.id,
                        scales={"x": dx_scale, "residual": dx_scale}, stress=stress)
     return outs
 

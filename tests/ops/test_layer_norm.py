@@ -13,6 +13,8 @@ one tolerance table in tests/tolerances.py. The tests, by concern:
 * test_layer_norm_custom_ops.py: the pydl:: custom ops (opcheck), torch.compile;
 * test_layer_norm_triton.py: @pytest.mark.triton, on the GPU or under the Triton interpreter;
 * test_layer_norm_cuda.py: @pytest.mark.cuda, native and triton, fp32/fp16/bf16 at GPU sizes.
+* test_layer_norm_mixed_precision.py: float32 weight/bias with float16/bfloat16 x on every
+  backend (native CPU, triton, @pytest.mark.cuda), residual streams of another dtype.
 
 The LayerNorm cases (variants, run_pydl/run_ref/run_torch, make_case, check_op) are in
 tests/ops/layer_norm_cases.py; the op-agnostic helpers in tests/utils/{inputs,checks}.py.

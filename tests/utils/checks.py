@@ -78,14 +78,16 @@ def assert_outputs_close(names, outs, refs, touts, *, dtype, label, stress=False
         assert_close_to_ref(o, r, t, dtype=dtype, name=f"{label} {name}", stress=stress)
 
 
-def assert_grads_close(named, got, want, torch_grads, *, dtype, label, scales=None, stress=False) -> None:
-    """Every gradient d<name> of ``named`` ([(name, input)]) has the input's shape and is close to
-    the float64 reference gradient; ``torch_grads``: torch's own (or Nones); ``scales``: an
-    optional {name: natural size} hint for gradients that may cancel to ~0 (see tolerances)."""
+def assert_grads_close(named, got, want, torch_grads, *, label, scales=None, stress=False) -> None:
+    """Every gradient d<name> of ``named`` ([(name, input)]) has the input's shape and dtype and is
+    close to the float64 reference gradient by the tolerance of that dtype (so float32 parameters
+    of a bfloat16 op, mixed precision, are judged as float32); ``torch_grads``: torch's own (or
+    Nones); ``scales``: an optional {name: natural size} hint for gradients that may cancel to ~0
+    (see tolerances)."""
     scales = scales or {}
     for (n, t), g, w, tg in zip(named, got, want, torch_grads):
         assert tuple(g.shape) == tuple(t.shape), f"d{n}: shape {tuple(g.shape)} != {tuple(t.shape)}"
-        assert_close_to_ref(g, w, tg, dtype=dtype, name=f"{label} d{n}", scale=scales.get(n), stress=stress)
+        assert_close_to_ref(g, w, tg, dtype=t.dtype, name=f"{label} d{n}", scale=scales.get(n), stress=stress)
 
 
 # ---- errors ---------------------------------------------------------------------------------------

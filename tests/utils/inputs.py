@@ -146,7 +146,8 @@ class TensorCase:
         return [t for _, t in self.named()]
 
     def copy(self, dtype: Optional[torch.dtype] = None, requires_grad: bool = True):
-        """The same case with fresh leaf copies (detached, converted to ``dtype`` if given)."""
+        """The same case with fresh leaf copies (detached, converted to ``dtype`` if given, else in
+        each tensor's own dtype)."""
         def cp(t):
             if t is None:
                 return None

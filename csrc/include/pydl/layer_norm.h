@@ -14,7 +14,9 @@
 // Shapes (M rows, N = normalized size):
 //   x, residual, dy, dh : (M, N), unit stride along N, any row stride >= N
 //   y, h, dx            : (M, N), contiguous outputs
-//   weight, bias, dweight, dbias : (N,), contiguous, same dtype as x
+//   weight, bias, dweight, dbias : (N,), contiguous, one dtype ("the parameters' dtype"): x's,
+//                         or float32 when x is float16 / bfloat16 (torch's mixed precision: y,
+//                         h, dx in x's dtype, dweight / dbias in the parameters' float32)
 //   mean, rstd          : (M,), float32 (float64 when x is float64), contiguous; optional
 //                         outputs of the forward (absent: not written), inputs of the backward
 #pragma once
@@ -72,17 +74,22 @@ struct LayerNormBwdArgs {
   Norm norm = Norm::kLayer;  // must match the forward's; kRms: bias and dbias must be absent
 };
 
+// The parameters' dtype of a call: weight's, else bias's, else (no parameters) x's.
+DType layer_norm_param_dtype(const TensorView& weight, const TensorView& bias, DType x);
+
 // Validates every view (ranks, shapes, dtypes, strides, presence), the activation and norm codes
 // and that Norm::kRms has no bias. Throws invalid_argument.
 void validate_layer_norm_fwd(const LayerNormFwdArgs& a, const char* op);
 void validate_layer_norm_bwd(const LayerNormBwdArgs& a, const char* op);
 
-// CPU kernels (csrc/cpu/layer_norm.cpp): float32, bfloat16, float64.
+// CPU kernels (csrc/cpu/layer_norm.cpp): float32, bfloat16 (parameters bfloat16 or float32),
+// float64.
 void layer_norm_fwd_cpu(const LayerNormFwdArgs& a, int num_threads);
 void layer_norm_bwd_cpu(const LayerNormBwdArgs& a, int num_threads);
 
-// CUDA kernels (csrc/cuda/layer_norm.cu): float32, float16, bfloat16. `stream` is a
-// cudaStream_t; the caller has made the tensors' device current.
+// CUDA kernels (csrc/cuda/layer_norm_{fwd,bwd,dweight}.cu): float32, float16, bfloat16 (16-bit x
+// with parameters of x's dtype or float32). `stream` is a cudaStream_t; the caller has made the
+// tensors' device current.
 void layer_norm_fwd_cuda(const LayerNormFwdArgs& a, void* stream);
 void layer_norm_bwd_cuda(const LayerNormBwdArgs& a, void* stream);
 // Rows P of the backward workspace for an (M, N) problem on the current device (>= 1).

@@ -13,12 +13,13 @@ import importlib
 from types import ModuleType
 
 from ..core import (COMPILE, EAGER, ERROR, MISMATCH, MODES, OK, SKIPPED, STATUSES,  # noqa: F401
-                    TIME_LIMIT_NOTE, Provider, Record, Suite, SuiteConfig)
+                    TIME_LIMIT_NOTE, Provider, Record, Suite, SuiteConfig, Unsupported)
 
 # name -> module path; add a line per suite.
 _SUITES = {
     "layer_norm": "pydl.bench.suites.layer_norm",
     "overhead": "pydl.bench.suites.overhead",
+    "attention": "pydl.bench.suites.attention",
 }
 
 

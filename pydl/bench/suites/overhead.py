@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from ..core import EAGER, LATENCY, PYDL, REFERENCE, ModuleCall, Provider, Suite
-from ..report import fmt_us
+from ..report import flag_note, fmt_us
 
 NAME = "overhead"
 OPS = ("ops.layer_norm", "ops.layer_norm_gelu", "ops.add_layer_norm", "nn.LayerNorm")
@@ -103,10 +103,9 @@ def report(rows: list) -> list:
         kind, limit = target(op, shape)
         ok = pu / tu <= limit
         met, total = met + ok, total + 1
-        flagged = ", ".join(sorted({f for r in (p, t) for f in str(r.get("flag") or "").split(";") if f}))
         lines.append(f"| {op} {mode} {shape} | {dtype} | {fmt_us(pu)} | {fmt_us(tu)} | {pu / tu:.3g} | "
                      f"≤ {limit:g} ({kind}) | {'met' if ok else '**MISSED**'}"
-                     f"{f' (⚠{flagged}: do not trust)' if flagged else ''} |")
+                     f"{flag_note((p, t))} |")
     if total == 0:
         return []
     return lines + ["", f"{met} of {total} overhead targets met.", ""]
