@@ -15,7 +15,7 @@ all: test
 $(VENV)/.deps: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q torch==2.13.0 numpy triton pytest hypothesis matplotlib tqdm \
+	$(PY) -m pip install -q torch==2.13.0 numpy triton pytest pytest-xdist hypothesis matplotlib tqdm \
 		"setuptools>=77" wheel pybind11 "cmake>=3.24" ninja
 	touch $@
 
@@ -27,9 +27,11 @@ build: env
 info: build
 	$(PY) -m pydl info
 
-# The full suite: CUDA tests skip (no GPU here), Triton kernels run in the interpreter.
+# The full suite: CUDA tests skip (no GPU here), Triton kernels run in the interpreter; two
+# pytest-xdist workers (the CI machine's 2 cores; most tests are single-threaded Python).
+TEST_WORKERS ?= 2
 test-fast: build
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n $(TEST_WORKERS) tests
 
 # CPU kernels again under AddressSanitizer + UndefinedBehaviorSanitizer (a separate build).
 test-sanitize: env
@@ -44,16 +46,26 @@ test-sanitize: env
 		|| { cat build/sanitizer-report.* 2>/dev/null; exit 1; }
 
 # The CUDA kernels *executed* on the CPU: tests/cuda_emulation/mock runs every CUDA thread as a
-# fiber with real barriers and warp shuffles (no GPU needed); "quick" covers N up to 2048 plus the
-# long-row kernels (add_layer_norm at N = 8193, 9000, 32776; constant rows at 40000; N > 65536).
-EMU_BIN := build/cuda-emulated-layer-norm
-EMU_CUDA_SOURCES := $(wildcard csrc/cuda/layer_norm_*.cu)
-test-cuda-emulated:
+# fiber with real barriers and warp shuffles (no GPU needed). One program per op:
+# tests/cuda_emulation/test_<op>.cpp, built with g++ against the mock headers from
+# csrc/cuda/<op>*.cu, csrc/<op>_args.cpp and csrc/tensor_view.cpp (a new op only adds its test
+# program), binary build/cuda-emulated-<op>, run in its "quick" mode. layer_norm's quick mode covers
+# N up to 2048 plus the long-row kernels (~3 min); decode_attention's every kernel configuration
+# (~15 s).
+EMU_OPS := $(patsubst tests/cuda_emulation/test_%.cpp,%,$(wildcard tests/cuda_emulation/test_*.cpp))
+EMU_BINS := $(addprefix build/cuda-emulated-,$(EMU_OPS))
+EMU_DEPS := $(wildcard tests/cuda_emulation/*.h tests/cuda_emulation/mock/*.h csrc/cuda/*.cuh csrc/include/pydl/*.h) \
+	csrc/tensor_view.cpp
+.SECONDEXPANSION:
+build/cuda-emulated-%: tests/cuda_emulation/test_%.cpp $$(wildcard csrc/cuda/$$*.cu csrc/cuda/$$*_*.cu) \
+		csrc/$$*_args.cpp $(EMU_DEPS)
 	mkdir -p build
-	g++ -std=c++20 -O2 -Itests/cuda_emulation/mock -Icsrc/include -x c++ $(EMU_CUDA_SOURCES) \
-		-x none tests/cuda_emulation/test_layer_norm.cpp csrc/layer_norm_args.cpp csrc/tensor_view.cpp \
-		-o $(EMU_BIN) -lpthread
-	$(EMU_BIN) quick
+	g++ -std=c++20 -O2 -Itests/cuda_emulation/mock -Icsrc/include \
+		-x c++ $(wildcard csrc/cuda/$*.cu csrc/cuda/$*_*.cu) \
+		-x none $< csrc/$*_args.cpp csrc/tensor_view.cpp -o $@ -lpthread
+
+test-cuda-emulated: $(EMU_BINS)
+	@set -e; for op in $(EMU_OPS); do echo "== cuda-emulated $$op"; build/cuda-emulated-$$op quick; done
 
 # The Triton floor (DESIGN 6): the Triton tests again under Triton 3.6.0 (what torch 2.11 ships)
 # with the in-place build (pydl._C is torch- and Triton-free: the same .so), then every Triton
@@ -61,11 +73,11 @@ test-cuda-emulated:
 VENV_TRITON_FLOOR ?= .venv-triton36
 $(VENV_TRITON_FLOOR)/.deps: Makefile
 	$(PYTHON) -m venv $(VENV_TRITON_FLOOR)
-	$(VENV_TRITON_FLOOR)/bin/python -m pip install -q torch==2.13.0 triton==3.6.0 numpy pytest hypothesis
+	$(VENV_TRITON_FLOOR)/bin/python -m pip install -q torch==2.13.0 triton==3.6.0 numpy pytest pytest-xdist hypothesis
 	touch $@
 
 test-triton-floor: build $(VENV_TRITON_FLOOR)/.deps
-	$(VENV_TRITON_FLOOR)/bin/python -m pytest -q tests/ops tests/nn -m triton
+	$(VENV_TRITON_FLOOR)/bin/python -m pytest -q -n $(TEST_WORKERS) tests/ops tests/nn -m triton
 	$(VENV_TRITON_FLOOR)/bin/python scripts/check_triton_compile.py
 	$(PY) scripts/check_triton_compile.py
 	$(PY) scripts/check_triton_compile_attention.py

@@ -4,6 +4,7 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include "pydl/decode_attention.h"
 #include "pydl/layer_norm.h"
 #include "pydl/tensor_view.h"
 
@@ -69,6 +70,25 @@ pydl::LayerNormBwdArgs bwd_args(int64_t M, int64_t N, int32_t dtype, uintptr_t d
   return a;
 }
 
+// Decode attention: q (B, H, E) and out (B, H, Ev) with batch / head strides, the caches
+// (B, Hkv, L, E|Ev) with batch / head / position strides (unit last strides), lengths (B,).
+pydl::DecodeAttentionArgs decode_args(int64_t B, int64_t H, int64_t Hkv, int64_t L, int64_t E,
+                                      int64_t Ev, int32_t dtype, uintptr_t q, int64_t q_sb,
+                                      int64_t q_sh, uintptr_t k, int64_t k_sb, int64_t k_sh,
+                                      int64_t k_sl, uintptr_t v, int64_t v_sb, int64_t v_sh,
+                                      int64_t v_sl, uintptr_t lens, int32_t lens_dtype,
+                                      uintptr_t out, int64_t out_sb, int64_t out_sh,
+                                      double scale) {
+  pydl::DecodeAttentionArgs a;
+  a.q = pydl::make_view(q, dtype, {B, H, E}, {q_sb, q_sh, 1});
+  a.k_cache = pydl::make_view(k, dtype, {B, Hkv, L, E}, {k_sb, k_sh, k_sl, 1});
+  a.v_cache = pydl::make_view(v, dtype, {B, Hkv, L, Ev}, {v_sb, v_sh, v_sl, 1});
+  a.cache_seqlens = pydl::make_view(lens, lens_dtype, {B}, {1});
+  a.out = pydl::make_view(out, dtype, {B, H, Ev}, {out_sb, out_sh, 1});
+  a.scale = scale;
+  return a;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -127,6 +147,24 @@ PYBIND11_MODULE(_C, m) {
       },
       PYDL_LN_BWD_NAMES, "num_threads"_a, gil);
 
+#define PYDL_DECODE_ARGS                                                                       \
+  int64_t B, int64_t H, int64_t Hkv, int64_t L, int64_t E, int64_t Ev, int32_t dtype,          \
+      uintptr_t q, int64_t q_sb, int64_t q_sh, uintptr_t k, int64_t k_sb, int64_t k_sh,          \
+      int64_t k_sl, uintptr_t v, int64_t v_sb, int64_t v_sh, int64_t v_sl, uintptr_t lens,       \
+      int32_t lens_dtype, uintptr_t out, int64_t out_sb, int64_t out_sh, double scale
+#define PYDL_DECODE_PASS B, H, Hkv, L, E, Ev, dtype, q, q_sb, q_sh, k, k_sb, k_sh, k_sl, v, v_sb, v_sh, v_sl, lens, lens_dtype, out, out_sb, out_sh, scale
+#define PYDL_DECODE_NAMES                                                                      \
+  "B"_a, "H"_a, "Hkv"_a, "L"_a, "E"_a, "Ev"_a, "dtype"_a, "q"_a, "q_sb"_a, "q_sh"_a, "k"_a,     \
+      "k_sb"_a, "k_sh"_a, "k_sl"_a, "v"_a, "v_sb"_a, "v_sh"_a, "v_sl"_a, "lens"_a,              \
+      "lens_dtype"_a, "out"_a, "out_sb"_a, "out_sh"_a, "scale"_a
+
+  m.def(
+      "decode_attention_cpu",
+      [](PYDL_DECODE_ARGS, int num_threads) {
+        pydl::decode_attention_cpu(decode_args(PYDL_DECODE_PASS), num_threads);
+      },
+      PYDL_DECODE_NAMES, "num_threads"_a, gil);
+
 #ifdef PYDL_WITH_CUDA
   m.def(
       "layer_norm_fwd_cuda",
@@ -145,5 +183,15 @@ PYBIND11_MODULE(_C, m) {
       PYDL_LN_BWD_NAMES, "workspace"_a, "workspace_rows"_a, "stream"_a, gil);
   m.def("layer_norm_bwd_cuda_num_partials", &pydl::layer_norm_bwd_cuda_num_partials, "M"_a,
         "N"_a, gil);
+  m.def(
+      "decode_attention_cuda",
+      [](PYDL_DECODE_ARGS, uintptr_t workspace, uintptr_t stream) {
+        pydl::decode_attention_cuda(decode_args(PYDL_DECODE_PASS),
+                                    reinterpret_cast<void*>(workspace),
+                                    reinterpret_cast<void*>(stream));
+      },
+      PYDL_DECODE_NAMES, "workspace"_a, "stream"_a, gil);
+  m.def("decode_attention_cuda_workspace_floats", &pydl::decode_attention_cuda_workspace_floats,
+        "B"_a, "H"_a, "Hkv"_a, "L"_a, "Ev"_a, gil);
 #endif
 }

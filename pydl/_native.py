@@ -21,6 +21,8 @@ REBUILD_HINT = "rebuild it from the source tree with `pip install .` (or `python
 
 # dtype codes of csrc/include/pydl/dtype.h; never renumber.
 DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.float64: 3}
+# index dtypes (e.g. decode attention's cache_seqlens)
+INDEX_DTYPE_CODES = {torch.int32: 4, torch.int64: 5}
 
 
 class NativeUnavailableError(RuntimeError):

@@ -119,7 +119,7 @@ wheel_dot() {
 sdist() {
   rm -rf "$OUT/sdist" && "$VPY" -m build --sdist -o "$OUT/sdist" . || return 1
   local sd; sd=$(one "$OUT"/sdist/*.tar.gz)
-  has_entries "$sd" '/CMakeLists\.txt$' '/csrc/cpu/layer_norm\.cpp$' '/csrc/cuda/layer_norm\.cu$' \
+  has_entries "$sd" '/CMakeLists\.txt$' '/csrc/cpu/layer_norm\.cpp$' '/csrc/cuda/layer_norm_fwd\.cu$' '/csrc/cuda/layer_norm_common\.cuh$' \
     '/csrc/cuda/cuda_utils\.cuh$' '/csrc/include/pydl/layer_norm\.h$' '/LICENSE$' '/pydl/py\.typed$' \
     '/pydl/_version\.py$' '/pyproject\.toml$' '/setup\.py$' '/README\.md$' || return 1
   if tar -tzf "$sd" | grep -Eq '\.(so|o)$|/build/'; then echo "build outputs in $sd"; return 1; fi

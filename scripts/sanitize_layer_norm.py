@@ -46,7 +46,6 @@ import time
 
 T_START = time.monotonic()  # --time-limit-s counts from here, torch's import and CUDA init included
 
-import argparse  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
 import re  # noqa: E402
@@ -59,10 +58,9 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from scripts.sanitize_common import SHORT, coverage_verdict, parser, run_cases, start  # noqa: E402
 
 EPS = 1e-5
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-SHORT = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 TOL = {torch.float32: (1e-4, 1e-6), torch.float16: (5e-3, 1e-3), torch.bfloat16: (2e-2, 1e-3)}  # rel, abs
 # (op, activation) with a residual, and without; cycled over the shapes.
 WITH_RES = (("add_layer_norm", None), ("add_layer_norm", "gelu"), ("add_layer_norm", "gelu_tanh"))
@@ -388,86 +386,41 @@ def observed_kernels(prof) -> tuple:
 # ---- main ----------------------------------------------------------------------------------------
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = parser(__doc__)
     ap.add_argument("--backend", default="native", choices=("native", "triton"))
-    ap.add_argument("--dtypes", nargs="+", default=list(DTYPES), choices=list(DTYPES))
-    ap.add_argument("--device", default="cuda", choices=("cuda", "cpu"),
-                    help="cpu: a dry run of this script on the native CPU kernels (fp32, bf16)")
-    ap.add_argument("--quick", action="store_true", help="fewer shapes, the first dtype only (dry runs)")
-    ap.add_argument("--coverage", action="store_true", help="check with torch.profiler that every expected kernel ran")
-    ap.add_argument("--time-limit-s", type=float, default=0.0,
-                    help="start no case later than this many seconds after the process started")
-    ap.add_argument("--seed", type=int, default=1234)
     args = ap.parse_args(argv)
 
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        print("sanitize_layer_norm: no CUDA device; nothing to check")
+    run = start("sanitize_layer_norm", args, native=args.backend == "native")
+    if run is None:
         return 2
+    device, dtypes, side, gen, prof = run
     import pydl.ops as ops
-    from pydl import _native
 
-    if args.backend == "native" and device.type == "cuda" and not _native.cuda_built():
-        print(f"sanitize_layer_norm: native CUDA kernels not built ({_native.load_error() or 'cpu-only build'})")
-        return 2
-    dtypes = [DTYPES[d] for d in args.dtypes]
-    if device.type == "cpu":
-        dtypes = [d for d in dtypes if d != torch.float16] or [torch.float32]  # no fp16 CPU kernel
-    if args.quick:
-        dtypes = dtypes[:1]
     cases = build_cases(dtypes, args.quick)
-    side = torch.cuda.Stream() if device.type == "cuda" else None
-    gen = torch.Generator().manual_seed(args.seed)
     t0 = time.perf_counter()
-    failures, expected, ran = 0, {}, 0
-    prof = None
-    if args.coverage and device.type == "cuda":
-        from torch.profiler import ProfilerActivity, profile
-
-        prof = profile(activities=[ProfilerActivity.CUDA])
-        prof.__enter__()
     print(f"{'#':>3s} {'dtype':9s} {'shape':10s} {'layout':10s} {'op':15s} {'act':9s} {'w b':4s} "
           f"{'stream':6s} {'expected kernels':60s} result", flush=True)
-    for i, c in enumerate(cases):
-        if args.time_limit_s and time.monotonic() - T_START > args.time_limit_s:
-            print(f"sanitize_layer_norm: --time-limit-s {args.time_limit_s:g} reached after {ran} of "
-                  f"{len(cases)} cases", flush=True)
-            break
-        try:
-            bad, keys, smem = run_case(ops, c, args.backend, device, gen, side)
-            result = "ok" if not bad else "FAIL " + ", ".join(bad)
-        except Exception as exc:  # report and go on: the sanitizer log has the rest
-            bad, keys, smem = [str(exc)], [], 0
-            result = f"FAIL {type(exc).__name__}: {' '.join(str(exc).split())[:240]}"
-        ran += 1
-        failures += bool(bad)
-        for k in keys:
-            expected.setdefault(k, i)
+
+    def row(i, c, keys, smem, result):
+        smem = smem or 0
         kern = " ".join(k.replace("ln_", "") for k in keys) + (f" smem {smem // 1024}K" if smem > 48 * 1024 else "")
         wb = ("w" if c.weight else "-") + ("b" if c.bias else "-")
         dts = SHORT[c.dtype] + (f":{SHORT[c.param_dtype]}" if c.param_dtype else "")
-        print(f"{i:3d} {dts:9s} {f'{c.m}x{c.n}':10s} {c.layout:10s} {c.op:15s} {str(c.act):9s} "
-              f"{wb:4s} {'side' if c.stream and side is not None else 'dflt':6s} {kern:60s} {result}", flush=True)
+        return (f"{i:3d} {dts:9s} {f'{c.m}x{c.n}':10s} {c.layout:10s} {c.op:15s} {str(c.act):9s} "
+                f"{wb:4s} {'side' if c.stream and side is not None else 'dflt':6s} {kern:60s} {result}")
+
+    failures, ran, expected = run_cases("sanitize_layer_norm", cases, args, T_START,
+                                        lambda c: run_case(ops, c, args.backend, device, gen, side), row)
     rc = 1 if failures else 0
     if prof is not None:
         prof.__exit__(None, None, None)
         seen, note = observed_kernels(prof)
-        missing = sorted(k for k in expected if k not in seen)
-        extra = sorted(k for k in seen if k not in expected)
         optin = [k for k, s in seen.items() if s > 48 * 1024]
         print(f"kernels seen ({len(seen)}): " + " ".join(sorted(seen)))
         print(f"kernels with > 48 KB dynamic shared memory: {' '.join(sorted(optin)) or 'none seen'}"
               + (f" ({note})" if note else ""))
-        if extra:
-            print("coverage note: launched but not predicted by the replica: " + " ".join(extra))
-        if missing:
-            print("coverage: MISSING " + " ".join(missing) + " (the launchers chose differently: update "
-                  "expected_kernels / the shapes)")
-            rc = rc or 3
-        elif not seen:
-            print("coverage: unavailable (the profiler recorded no kernels)")
-        else:
-            print(f"coverage: complete ({len(expected)} expected kernel configurations all launched)")
+        rc = rc or coverage_verdict(expected, seen, "the launchers chose differently: update "
+                                    "expected_kernels / the shapes")
     else:
         print(f"kernel configurations exercised (replica): {len(expected)}")
     if ran < len(cases):

@@ -1,5 +1,6 @@
-// Shared helpers for pydl's CUDA kernels: error checks, launches, 16-byte vector access, float
-// conversions of the storage types, warp / block sum reductions.
+// Shared helpers for pydl's CUDA kernels: error checks, launches, cached device queries, alignment
+// and dtype dispatch on the host; 16-byte vector access, float conversions of the storage types,
+// warp / block sum reductions on the device.
 //
 // Include this header FIRST in every .cu file (before any pydl/ header): it binds the dtype
 // dispatch macro of pydl/dtype.h to the CUDA storage types __half and __nv_bfloat16.
@@ -16,13 +17,18 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <cstring>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 #include <utility>
 
+#include "pydl/check.h"
 #include "pydl/dtype.h"
+#include "pydl/tensor_view.h"
 
 // Throws std::runtime_error carrying cudaGetErrorString's text when a CUDA runtime call fails.
 #define PYDL_CUDA_CHECK(expr)                                                                  \
@@ -66,6 +72,54 @@ inline void launch(void (*kernel)(KernelArgs...), int64_t grid, int block, size_
            stream>>>(std::forward<Args>(args)...);
 #endif
   check_last_launch(op);
+}
+
+// ---- host side: device queries, alignment, dtypes ---------------------------------------
+
+inline int current_device() {
+  int dev = 0;
+  PYDL_CUDA_CHECK(cudaGetDevice(&dev));
+  return dev;
+}
+
+// cudaDeviceGetAttribute(ATTR) of device `dev`, raised to at least `floor`; cached per device.
+template <cudaDeviceAttr ATTR>
+int device_attribute(int dev, int floor) {
+  constexpr int kCached = 64;
+  static std::atomic<int> cache[kCached] = {};
+  if (dev >= 0 && dev < kCached) {
+    const int v = cache[dev].load(std::memory_order_relaxed);
+    if (v > 0) return v;
+  }
+  int value = 0;
+  PYDL_CUDA_CHECK(cudaDeviceGetAttribute(&value, ATTR, dev));
+  value = std::max(value, floor);
+  if (dev >= 0 && dev < kCached) cache[dev].store(value, std::memory_order_relaxed);
+  return value;
+}
+
+inline int sm_count(int dev) { return device_attribute<cudaDevAttrMultiProcessorCount>(dev, 1); }
+
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// The view's base pointer allows 16-byte accesses (an undefined optional view passes).
+inline bool aligned16(const TensorView& t) {
+  return !t.defined || (reinterpret_cast<uintptr_t>(t.data) & 15u) == 0;
+}
+
+inline void require_cuda_dtype(DType t, const char* op) {
+  PYDL_CHECK(t == DType::kFloat32 || t == DType::kFloat16 || t == DType::kBFloat16, op,
+             ": the CUDA kernel supports float32, float16 and bfloat16, got ", dtype_name(t));
+}
+
+// f(T{}) for the storage type T of `t` (float, __half or bf16), after require_cuda_dtype: the
+// kernels are never instantiated for double.
+template <typename F>
+void dispatch_cuda_dtype(DType t, const char* op, F&& f) {
+  require_cuda_dtype(t, op);
+  PYDL_DISPATCH_FLOATING(t, op, [&] {
+    if constexpr (!std::is_same_v<scalar_t, double>) f(scalar_t{});
+  });
 }
 
 // ---- device side: storage types <-> float -----------------------------------------------------

@@ -148,29 +148,9 @@ __device__ __forceinline__ void load_param(const P* p, int c, float neutral, flo
 
 // ---- host side: device queries ------------------------------------------------------------------
 
-inline int current_device() {
-  int dev = 0;
-  PYDL_CUDA_CHECK(cudaGetDevice(&dev));
-  return dev;
-}
-
-// cudaDeviceGetAttribute(ATTR) of device `dev`, raised to at least `floor`; cached per device.
-template <cudaDeviceAttr ATTR>
-int device_attribute(int dev, int floor) {
-  constexpr int kCached = 64;
-  static std::atomic<int> cache[kCached] = {};
-  if (dev >= 0 && dev < kCached) {
-    const int v = cache[dev].load(std::memory_order_relaxed);
-    if (v > 0) return v;
-  }
-  int value = 0;
-  PYDL_CUDA_CHECK(cudaDeviceGetAttribute(&value, ATTR, dev));
-  value = std::max(value, floor);
-  if (dev >= 0 && dev < kCached) cache[dev].store(value, std::memory_order_relaxed);
-  return value;
-}
-
-inline int sm_count(int dev) { return device_attribute<cudaDevAttrMultiProcessorCount>(dev, 1); }
+using cuda::current_device;
+using cuda::device_attribute;
+using cuda::sm_count;
 
 inline int max_smem_optin(int dev) {
   return device_attribute<cudaDevAttrMaxSharedMemoryPerBlockOptin>(dev, 48 * 1024);
@@ -214,7 +194,7 @@ inline void allow_smem(int dev, const void* kernel, size_t smem) {
 
 // ---- host side: launch shapes -------------------------------------------------------------------
 
-inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+using cuda::ceil_div;
 
 // Threads per row group for `units` units of work per row: a power of two up to 32, then whole
 // warps.
@@ -233,9 +213,7 @@ struct RowCfg {
   int rpb = 0;
 };
 
-inline bool aligned16(const TensorView& t) {
-  return !t.defined || (reinterpret_cast<uintptr_t>(t.data) & 15u) == 0;
-}
+using cuda::aligned16;
 inline bool rows_aligned(const TensorView& t, int64_t m, int vec) {
   return !t.defined || m <= 1 || t.stride(0) % vec == 0;
 }
@@ -284,20 +262,8 @@ T* mptr(const TensorView& t) {
 
 // ---- host side: dtypes --------------------------------------------------------------------------
 
-inline void require_cuda_dtype(DType t, const char* op) {
-  PYDL_CHECK(t == DType::kFloat32 || t == DType::kFloat16 || t == DType::kBFloat16, op,
-             ": the CUDA kernel supports float32, float16 and bfloat16, got ", dtype_name(t));
-}
-
-// f(T{}) for the storage type T of `t` (float, __half or bf16), after require_cuda_dtype: the
-// kernels are never instantiated for double.
-template <typename F>
-void dispatch_cuda_dtype(DType t, const char* op, F&& f) {
-  require_cuda_dtype(t, op);
-  PYDL_DISPATCH_FLOATING(t, op, [&] {
-    if constexpr (!std::is_same_v<scalar_t, double>) f(scalar_t{});
-  });
-}
+using cuda::dispatch_cuda_dtype;
+using cuda::require_cuda_dtype;
 
 // f(T{}, P{}) for x's storage type T and the parameters' storage type P: T itself, or float32
 // (validated by validate_layer_norm_*: the only other dtype the parameters may have).

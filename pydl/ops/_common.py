@@ -52,6 +52,23 @@ def eager_mode(tensors: tuple) -> int:
     return EAGER
 
 
+def check_qkv(op: str, named: Sequence[tuple], ndim: int, rank_rule: str) -> None:
+    """The shared first checks of the attention ops over ``named`` = ((name, tensor), ...), q first:
+    each a floating-point Tensor of rank ``ndim`` (else "<op>: <name> must <rank_rule>"), one dtype."""
+    for name, t in named:
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{op}: {name} must be a Tensor, got {type(t).__name__}")
+        if not t.dtype.is_floating_point:
+            raise TypeError(f"{op}: {name} must be a floating-point tensor, got dtype {t.dtype}")
+        if t.dim() != ndim:
+            raise ValueError(f"{op}: {name} must {rank_rule}, got shape {tuple(t.shape)}")
+    dtype = named[0][1].dtype
+    if any(t.dtype != dtype for _, t in named):
+        names = [n for n, _ in named]
+        raise TypeError(f"{op}: {', '.join(names[:-1])} and {names[-1]} must have one dtype, got "
+                        f"{', '.join(str(t.dtype) for _, t in named)}")
+
+
 def in_functorch_transform() -> bool:
     """Inside torch.func transforms (grad, vmap, jacrev, ...) outside Dynamo: such calls go through
     an op's setup_context-style Function, whose generated vmap rule uses the custom ops' rules."""

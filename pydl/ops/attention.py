@@ -275,9 +275,6 @@ def _triton_bwd(do, q, k, v, mask, o, lse, kind, is_causal, scale, dropout_p, se
     return kernels.attention_bwd(P, do, q, k, v, mask, o, lse, seed, need_dmask, cu_q, cu_k)
 
 
-_SAVED_ARGS = ("kind", "is_causal", "scale", "dropout_p", "cu_q", "cu_k", "max_q", "max_k", "tf32")
-
-
 def _save(ctx, inputs, output) -> None:
     q, k, v, mask, kind, is_causal, scale, dropout_p, seed, cu_q, cu_k, max_q, max_k, tf32 = inputs
     o, lse = output

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import backends
-from ._common import EAGER, EAGER_GRAD, eager_mode
+from ._common import EAGER, EAGER_GRAD, check_qkv, eager_mode
 from .attention import DISPATCH as _DENSE, MASK_NONE, _scale, _unit_last_stride, _weights, kernel_key, run
 
 
@@ -63,15 +63,7 @@ def attention_varlen_ref(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, 
 
 
 def _check_args(q, k, v, cu_q, cu_k, max_q, max_k, dropout_p, scale) -> None:
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(t, Tensor):
-            raise TypeError(f"attention_varlen: {name} must be a Tensor, got {type(t).__name__}")
-        if not t.dtype.is_floating_point:
-            raise TypeError(f"attention_varlen: {name} must be a floating-point tensor, got dtype {t.dtype}")
-        if t.dim() != 3:
-            raise ValueError(f"attention_varlen: {name} must be (total, heads, head_dim), got shape {tuple(t.shape)}")
-    if k.dtype != q.dtype or v.dtype != q.dtype:
-        raise TypeError(f"attention_varlen: q, k and v must have one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    check_qkv("attention_varlen", (("q", q), ("k", k), ("v", v)), 3, "be (total, heads, head_dim)")
     if k.device != q.device or v.device != q.device:
         raise ValueError("attention_varlen: q, k and v must be on one device")
     if k.shape[2] != q.shape[2]:

@@ -37,8 +37,8 @@ so ``torch.manual_seed`` reproduces a run and the backward regenerates the forwa
 
 from __future__ import annotations
 
-import math
-from typing import NamedTuple, Optional
+import os
+from typing import NamedTuple
 
 import torch
 import triton
@@ -48,8 +48,7 @@ from ._common import INTERPRETING, _range
 
 LOG2E = 1.4426950408889634
 _LOG2E = tl.constexpr(LOG2E)
-MASK_NONE, MASK_BOOL, MASK_ADD = 0, 1, 2
-MAX_HEAD_DIM = 256
+# MASK constexpr: 0 none, 1 bool, 2 additive (pydl/ops/attention.py MASK_*; head dims <= 256 there).
 
 
 # ---- shared device helpers ---------------------------------------------------------------
@@ -388,6 +387,39 @@ def config(kernel: str, block_e: int, dtype: torch.dtype) -> Config:
     return table[max(64, block_e)]
 
 
+# On a GPU the launchers autotune: the table's tile and three neighbours (other warp count, one
+# stage less, half the key block) are timed once per key below (sizes, flags; Triton adds the
+# tensors' dtypes) and the fastest is kept for the process. Read once, at import:
+# PYDL_ATTENTION_AUTOTUNE=0 keeps the table's tile (the tests do, for speed).
+AUTOTUNE = os.environ.get("PYDL_ATTENTION_AUTOTUNE", "1") not in ("", "0")
+_TUNE_KEY = ["Nq", "Nk", "E", "EV", "GROUP", "MASK", "CAUSAL", "DROPOUT", "VARLEN", "PRECISION"]
+_TUNED: dict = {}
+
+
+def candidates(cfg: Config) -> tuple:
+    """The autotuner's candidate tiles around the table's ``cfg`` (distinct, cfg first)."""
+    near = (cfg, cfg._replace(num_warps=8 if cfg.num_warps == 4 else 4),
+            cfg._replace(num_stages=max(1, cfg.num_stages - 1)), cfg._replace(block_n=max(16, cfg.block_n // 2)))
+    return tuple(dict.fromkeys(near))
+
+
+def _launch(kernel, name: str, block_e: int, dtype, grid, *args, **flags) -> None:
+    """Run ``kernel`` on ``grid(BLOCK_M, BLOCK_N)``: with the table's tile (interpreter, or
+    AUTOTUNE off), else with the fastest of ``candidates`` (measured once per key)."""
+    cfg = config(name, block_e, dtype)
+    if INTERPRETING or not AUTOTUNE:
+        kernel[grid(cfg.block_m, cfg.block_n)](*args, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+                                              num_warps=cfg.num_warps, num_stages=cfg.num_stages, **flags)
+        return
+    cands = candidates(cfg)
+    tuned = _TUNED.get((name, cands))
+    if tuned is None:  # outputs are written, never accumulated: re-running a config is harmless
+        tuned = _TUNED[(name, cands)] = triton.autotune(
+            [triton.Config({"BLOCK_M": c.block_m, "BLOCK_N": c.block_n}, num_warps=c.num_warps,
+                           num_stages=c.num_stages) for c in cands], key=_TUNE_KEY)(kernel)
+    tuned[lambda meta: grid(meta["BLOCK_M"], meta["BLOCK_N"])](*args, **flags)
+
+
 class Problem(NamedTuple):
     """What every kernel of one call is told: sizes, strides of q/k/v/mask, flags."""
 
@@ -455,14 +487,12 @@ def attention_fwd(P: Problem, q, k, v, mask, seed, cu_q=None, cu_k=None):
         so, sl = dense(o), (lse.stride(0), lse.stride(1))
     if o.numel() == 0:
         return o, lse
-    cfg = config("fwd", head_block(max(P.E, P.EV)), q.dtype)
-    grid = (triton.cdiv(P.Lq, cfg.block_m), P.H, P.B)
-    _attn_fwd_kernel[grid](
-        q, k, v, _mask_arg(mask, q), o, lse, seed if seed is not None else lse, cu_q, cu_k,
-        *P.q, *P.k, *P.v, *P.mask, *so, *sl,
-        P.H, P.group, P.Lq, P.Lk, P.E, P.EV, P.scale * LOG2E, P.dropout_p,
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-        **P.flags(q.dtype))
+    cu_q, cu_k = (cu_q, cu_k) if P.varlen else (lse, lse)  # never read when dense
+    _launch(_attn_fwd_kernel, "fwd", head_block(max(P.E, P.EV)), q.dtype,
+            lambda bm, bn: (triton.cdiv(P.Lq, bm), P.H, P.B),
+            q, k, v, _mask_arg(mask, q), o, lse, seed if seed is not None else lse, cu_q, cu_k,
+            *P.q, *P.k, *P.v, *P.mask, *so, *sl,
+            P.H, P.group, P.Lq, P.Lk, P.E, P.EV, P.scale * LOG2E, P.dropout_p, **P.flags(q.dtype))
     return o, lse
 
 
@@ -485,17 +515,14 @@ def attention_bwd(P: Problem, do, q, k, v, mask, o, lse, seed, need_dmask: bool,
     sizes = (P.H, P.group, P.Lq, P.Lk, P.E, P.EV, P.scale * LOG2E, P.scale, P.dropout_p)
     mask_arg = _mask_arg(mask, q)
 
-    cfg = config("dkdv", head_block(max(P.E, P.EV)), q.dtype)
-    _attn_bwd_dkdv_kernel[(triton.cdiv(P.Lk, cfg.block_n), P.H // P.group, P.B)](
-        q, k, v, mask_arg, do, lse, delta, dk, dv, seed, cu_q, cu_k, *common, *sdk, *sdv, *sl, *sizes,
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **flags)
-
-    cfg = config("dq", head_block(max(P.E, P.EV)), q.dtype)
+    cu_q, cu_k = (cu_q, cu_k) if P.varlen else (delta, delta)  # never read when dense
+    block_e = head_block(max(P.E, P.EV))
+    _launch(_attn_bwd_dkdv_kernel, "dkdv", block_e, q.dtype, lambda bm, bn: (triton.cdiv(P.Lk, bn), P.H // P.group, P.B),
+            q, k, v, mask_arg, do, lse, delta, dk, dv, seed, cu_q, cu_k, *common, *sdk, *sdv, *sl, *sizes, **flags)
     sds = (ds.stride(0), ds.stride(1), ds.stride(2)) if ds is not None else (0, 0, 0)
-    _attn_bwd_dq_kernel[(triton.cdiv(P.Lq, cfg.block_m), P.H, P.B)](
-        q, k, v, mask_arg, do, lse, delta, dq, ds if ds is not None else delta, seed, cu_q, cu_k,
-        *common, *sdq, *sds, *sl, *sizes, STORE_DS=need_dmask,
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **flags)
+    _launch(_attn_bwd_dq_kernel, "dq", block_e, q.dtype, lambda bm, bn: (triton.cdiv(P.Lq, bm), P.H, P.B),
+            q, k, v, mask_arg, do, lse, delta, dq, ds if ds is not None else delta, seed, cu_q, cu_k,
+            *common, *sdq, *sds, *sl, *sizes, STORE_DS=need_dmask, **flags)
     return dq, dk, dv, ds
 
 

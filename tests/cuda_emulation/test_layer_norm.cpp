@@ -1,41 +1,21 @@
 // Emulated-execution tests of csrc/cuda/layer_norm_{fwd,bwd,dweight}.cu against a float64 reference.
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-#include <cuda_runtime.h>
+#include "emu_test.h"
 
-#include <chrono>
-#include <cmath>
-#include <stdexcept>
-#include <cstdio>
-#include <cstring>
 #include <functional>
-#include <random>
-#include <string>
+#include <stdexcept>
 #include <vector>
 
 #include "pydl/layer_norm.h"
 
-namespace pydl { namespace cuda { alignas(16) unsigned char pydl_dynamic_smem[256 * 1024]; } }
-
 using namespace pydl;
-
-static int g_fail = 0, g_checks = 0;
-
-template <typename T> DType dtype_of();
-template <> DType dtype_of<float>() { return DType::kFloat32; }
-template <> DType dtype_of<__half>() { return DType::kFloat16; }
-template <> DType dtype_of<__nv_bfloat16>() { return DType::kBFloat16; }
-inline float tf(float v) { return v; }
-inline float tf(__half v) { return __half2float(v); }
-inline float tf(__nv_bfloat16 v) { return __bfloat162float(v); }
-template <typename T> T ff(float v);
-template <> float ff<float>(float v) { return v; }
-template <> __half ff<__half>(float v) { return __float2half_rn(v); }
-template <> __nv_bfloat16 ff<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
-template <typename T> const char* tname();
-template <> const char* tname<float>() { return "f32"; }
-template <> const char* tname<__half>() { return "f16"; }
-template <> const char* tname<__nv_bfloat16>() { return "bf16"; }
+using emu::close;
+using emu::dtype_of;
+using emu::ff;
+using emu::g_checks;
+using emu::g_fail;
+using emu::Report;
+using emu::tf;
+using emu::tname;
 
 // A buffer with a chosen misalignment (in elements) and row stride.
 template <typename T>
@@ -84,23 +64,6 @@ template <typename T, typename P> const char* param_suffix() { return std::is_sa
 
 template <typename T> double out_rtol() { return std::is_same_v<T, float> ? 2e-5 : std::is_same_v<T, __half> ? 2e-3 : 1.6e-2; }
 
-bool close(double got, double ref, double atol, double rtol) {
-  if (std::isnan(ref)) return std::isnan(got);
-  return std::fabs(got - ref) <= atol + rtol * std::fabs(ref);
-}
-
-struct Report {
-  std::string name; int bad = 0; double worst = 0; std::string first;
-  void check(bool ok, const std::string& what, double err) {
-    ++g_checks;
-    if (!ok) { if (bad == 0) first = what; ++bad; }
-    worst = std::max(worst, err);
-  }
-  void done() {
-    if (bad) { ++g_fail; std::printf("FAIL %s: %d bad, first %s\n", name.c_str(), bad, first.c_str()); }
-  }
-};
-
 std::mt19937 rng(1234);
 // x ~ N(g_x_mean, g_x_sd) in test_fwd; sd 0 gives constant rows.
 static float g_x_mean = 0.3f, g_x_sd = 1.5f;
@@ -116,7 +79,7 @@ void test_fwd(int64_t M, int64_t N, bool res, bool hw, bool hb, int act, int pad
   std::snprintf(nm, sizeof nm, "%s %s%s M=%ld N=%ld res=%d w=%d b=%d act=%d pad=%d mis=%d omis=%d", g_rms ? "rms fwd" : "fwd", tname<T>(), param_suffix<T, P>(), (long)M, (long)N, res, hw, hb, act, pad, mis, out_mis);
   if (g_rms) hb = false;
   Report rep{nm};
-  if (std::getenv("EMU_VERBOSE")) { static auto t0 = std::chrono::steady_clock::now(); std::fprintf(stderr, "%.2f %s\n", std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count(), nm); }
+  emu::trace(nm);
   Buf<T> x(M, N, N + pad, mis), r(M, N, N + 2 * pad, mis), y(M, N, N, out_mis), h(M, N, N, out_mis);
   Buf<P> w(1, N, N, 0), b(1, N, N, 0);
   for (int64_t i = 0; i < M; ++i) for (int64_t j = 0; j < N; ++j) { x.at(i, j) = ff<T>(rnd(g_x_mean, g_x_sd)); r.at(i, j) = ff<T>(rnd()); }
@@ -175,7 +138,7 @@ void test_bwd(int64_t M, int64_t N, bool hdh, bool hw, bool hb, bool want_dw, bo
   std::snprintf(nm, sizeof nm, "%s %s%s M=%ld N=%ld dh=%d w=%d b=%d dw=%d db=%d act=%d pad=%d mis=%d ws=%ld", g_rms ? "rms bwd" : "bwd", tname<T>(), param_suffix<T, P>(), (long)M, (long)N, hdh, hw, hb, want_dw, want_db, act, pad, mis, (long)ws_rows);
   if (g_rms) { hb = false; want_db = false; }  // RMSNorm has no bias
   Report rep{nm};
-  if (std::getenv("EMU_VERBOSE")) { static auto t0 = std::chrono::steady_clock::now(); std::fprintf(stderr, "%.2f %s\n", std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count(), nm); }
+  emu::trace(nm);
   Buf<T> x(M, N, N + pad, mis), dy(M, N, N + 3 * pad, mis), dh(M, N, N + pad, mis), dx(M, N, N, 0);
   Buf<P> w(1, N, N, 0), b(1, N, N, 0), dw(1, N, N, 0), db(1, N, N, 0);
   for (int64_t i = 0; i < M; ++i) for (int64_t j = 0; j < N; ++j) { x.at(i, j) = ff<T>(rnd(0.2f, 1.3f)); dy.at(i, j) = ff<T>(rnd()); dh.at(i, j) = ff<T>(rnd()); }
@@ -395,11 +358,7 @@ void run_mixed(bool quick) {
 }
 
 int main(int argc, char** argv) {
-  setvbuf(stdout, nullptr, _IONBF, 0);
-  pydl_emulation::g_smem = pydl::cuda::pydl_dynamic_smem;
-  pydl_emulation::g_smem_size = sizeof(pydl::cuda::pydl_dynamic_smem);
-  const std::string which = argc > 1 ? argv[1] : "all";
-  if (const char* e = std::getenv("EMU_SCHEDULE")) pydl_emulation::g_schedule = std::atoi(e);
+  const std::string which = emu::init(argc, argv);
   const bool quick = which == "quick";
   auto fwd_all = [&](int64_t M, int64_t N, int act, int pad, int mis) {
     test_fwd<float>(M, N, true, true, true, act, pad, mis);
@@ -474,6 +433,5 @@ int main(int argc, char** argv) {
   }
   if (which == "rms" || which == "all" || quick) run_rms(which != "all");  // "rms": the quick RMS set
   if (which == "mixed" || which == "all" || quick) run_mixed(which != "all");  // "mixed": the quick set
-  std::printf("%d checks, %d failing tests, %ld launches\n", g_checks, g_fail, (long)pydl_emulation::g_launches.load());
-  return g_fail ? 1 : 0;
+  return emu::summary();
 }

@@ -111,8 +111,9 @@ def _mode_ops(backend, dtype, atol, rtol):
                         vmap_in_dims=(0, 0, 0), atol=atol, rtol=rtol) for c in (False, True)]
 
 
-MODE_OPS = [("torch", op) for op in _mode_ops("torch", FP64, 1e-9, 1e-7)]
-TRITON_MODE_OPS = [("triton", op) for op in _mode_ops("triton", FP32, 5e-5, 1e-4)]
+# The torch backend is SDPA itself (the modes only prove the pass-through): the causal op only.
+MODE_OPS = [("torch", op) for op in _mode_ops("torch", FP64, 1e-9, 1e-7)[1:]]
+TRITON_MODE_OPS = [("triton", op) for op in _mode_ops("triton", FP32, 5e-5, 1e-4)[1:]]
 
 
 @pytest.mark.parametrize("mode", list(MODES))
@@ -125,8 +126,8 @@ def test_modes_torch_backend(backend, op, mode):
 
 
 @pytest.mark.triton
-@pytest.mark.parametrize("mode", [m for m in MODES if m != "export"] + ["export"])
-@pytest.mark.parametrize("backend,op", TRITON_MODE_OPS[1:], ids=[f"{b}-{o.name}" for b, o in TRITON_MODE_OPS[1:]])
+@pytest.mark.parametrize("mode", list(MODES))
+@pytest.mark.parametrize("backend,op", TRITON_MODE_OPS, ids=[f"{b}-{o.name}" for b, o in TRITON_MODE_OPS])
 def test_modes_triton_backend(backend, op, mode):
     with no_recompile_limit():
         MODES[mode](op)

@@ -194,6 +194,16 @@ def test_compile_fullgraph(dynamic, triton_device):
             torch.testing.assert_close(g.double(), w.double(), atol=5e-5, rtol=1e-5)
 
 
+@pytest.mark.cuda
+def test_autotuned_launch(monkeypatch):
+    """The GPU launch path users get (autotuning over candidate tiles), forward and backward."""
+    monkeypatch.setattr(kernels, "AUTOTUNE", True)
+    cuda = torch.device("cuda")
+    check_case(AttnCase(B=2, H=4, Hkv=2, Nq=300, Nk=300, E=64, EV=64, causal=True, gqa=True), BF16, cuda, "triton")
+    check_case(AttnCase(B=1, H=2, Hkv=2, Nq=200, Nk=257, E=128, EV=128, mask="add2d"), FP32, cuda, "triton",
+               mask_grad=True)
+
+
 @pytest.mark.slow
 def test_long_sequence(triton_device, monkeypatch):
     """N = 1000 (16 tiles of 64 per dim; the interpreter's default 16-wide tiles would take minutes)."""

@@ -15,6 +15,9 @@ enum class DType : int32_t {
   kFloat16 = 1,
   kBFloat16 = 2,
   kFloat64 = 3,
+  // Index types (e.g. decode attention's cache_seqlens); no kernel computes in them.
+  kInt32 = 4,
+  kInt64 = 5,
 };
 
 inline const char* dtype_name(DType t) {
@@ -23,11 +26,13 @@ inline const char* dtype_name(DType t) {
     case DType::kFloat16: return "float16";
     case DType::kBFloat16: return "bfloat16";
     case DType::kFloat64: return "float64";
+    case DType::kInt32: return "int32";
+    case DType::kInt64: return "int64";
   }
   return "unknown";
 }
 
-inline bool is_valid_dtype_code(int32_t code) { return code >= 0 && code <= 3; }
+inline bool is_valid_dtype_code(int32_t code) { return code >= 0 && code <= 5; }
 
 inline int64_t dtype_size(DType t) {
   switch (t) {
@@ -35,6 +40,8 @@ inline int64_t dtype_size(DType t) {
     case DType::kFloat16: return 2;
     case DType::kBFloat16: return 2;
     case DType::kFloat64: return 8;
+    case DType::kInt32: return 4;
+    case DType::kInt64: return 8;
   }
   return 0;
 }

@@ -20,6 +20,7 @@ _SUITES = {
     "layer_norm": "pydl.bench.suites.layer_norm",
     "overhead": "pydl.bench.suites.overhead",
     "attention": "pydl.bench.suites.attention",
+    "decode_attention": "pydl.bench.suites.decode_attention",
 }
 
 
