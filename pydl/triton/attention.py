@@ -361,14 +361,15 @@ def packed(t: torch.Tensor) -> Strides:
 
 
 # Tiles, set from the public Hopper numbers of flash-style Triton kernels (not yet measured by
-# pydl on a GPU: see docs/architecture.md). Keyed by the padded head dim; float32 tiles are
-# halved (twice the bytes per element in shared memory).
-_FWD_TILES = {64: Config(128, 64, 4, 3), 128: Config(128, 64, 8, 3), 256: Config(64, 64, 8, 2)}
-_FWD_TILES_FP32 = {64: Config(64, 64, 4, 2), 128: Config(64, 32, 4, 2), 256: Config(32, 32, 4, 1)}
+# pydl on a GPU: see docs/architecture.md). Keyed by the padded head dim. float32 (IEEE dots:
+# FMA code, no tensor cores) uses smaller tiles over 8 warps, picked so that the plain kernels do
+# not spill at sm_90 (scripts/check_triton_compile_attention.py).
+_FWD_TILES = {64: Config(128, 64, 8, 3), 128: Config(128, 64, 8, 3), 256: Config(64, 64, 8, 2)}
+_FWD_TILES_FP32 = {64: Config(64, 32, 8, 2), 128: Config(64, 32, 8, 2), 256: Config(32, 32, 4, 1)}
 _DKDV_TILES = {64: Config(32, 128, 8, 3), 128: Config(32, 64, 8, 2), 256: Config(16, 64, 8, 1)}
-_DKDV_TILES_FP32 = {64: Config(32, 64, 4, 2), 128: Config(16, 64, 4, 1), 256: Config(16, 32, 4, 1)}
+_DKDV_TILES_FP32 = {64: Config(32, 32, 8, 2), 128: Config(16, 32, 8, 1), 256: Config(16, 32, 8, 1)}
 _DQ_TILES = {64: Config(128, 32, 8, 3), 128: Config(64, 32, 8, 2), 256: Config(64, 16, 8, 1)}
-_DQ_TILES_FP32 = {64: Config(64, 32, 4, 2), 128: Config(32, 32, 4, 1), 256: Config(16, 32, 4, 1)}
+_DQ_TILES_FP32 = {64: Config(64, 32, 8, 2), 128: Config(16, 32, 8, 1), 256: Config(16, 32, 8, 1)}
 INTERPRETER_CONFIG = Config(16, 16, 1, 1)  # small tiles: the interpreter runs them on NumPy
 
 
