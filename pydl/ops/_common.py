@@ -69,6 +69,11 @@ def check_qkv(op: str, named: Sequence[tuple], ndim: int, rank_rule: str) -> Non
                         f"{', '.join(str(t.dtype) for _, t in named)}")
 
 
+def device_type(t: Tensor) -> str:
+    """t's device type as a dispatch key reads it, without building a torch.device."""
+    return "cpu" if t.is_cpu else "cuda" if t.is_cuda else t.device.type
+
+
 def in_functorch_transform() -> bool:
     """Inside torch.func transforms (grad, vmap, jacrev, ...) outside Dynamo: such calls go through
     an op's setup_context-style Function, whose generated vmap rule uses the custom ops' rules."""

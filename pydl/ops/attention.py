@@ -32,7 +32,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import backends
-from ._common import EAGER, EAGER_GRAD, differentiable_grads, eager_mode, in_functorch_transform, vmap_by_loop
+from ._common import (EAGER, EAGER_GRAD, device_type, differentiable_grads, eager_mode, in_functorch_transform,
+                      vmap_by_loop)
 
 MASK_NONE, MASK_BOOL, MASK_ADD = 0, 1, 2  # the kernels' mask kinds (pydl/triton/attention.py)
 MAX_HEAD_DIM = 256
@@ -197,8 +198,7 @@ def kernel_key(q, v, dropout_p, issue: Optional[str] = None) -> tuple:
         issue = f"head dim > {MAX_HEAD_DIM}"
     elif issue is None and dropout_p >= 1.0:
         issue = "dropout_p = 1"
-    device_type = "cpu" if q.is_cpu else "cuda" if q.is_cuda else q.device.type
-    return device_type, q.dtype, issue
+    return device_type(q), q.dtype, issue
 
 
 def _triton_reasons(key: tuple) -> list:

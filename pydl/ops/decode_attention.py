@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import _native, backends
-from ._common import EAGER, TRACED, check_qkv, eager_mode, vmap_by_loop
+from ._common import EAGER, TRACED, check_qkv, device_type, eager_mode, vmap_by_loop
 
 _NATIVE_CPU_DTYPES = (torch.float32, torch.bfloat16, torch.float64)
 _NATIVE_CUDA_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -55,7 +55,7 @@ def decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_seqlens:
     """
     _check_args(q, k_cache, v_cache, cache_seqlens, scale)
     grad = torch.is_grad_enabled() and (q.requires_grad or k_cache.requires_grad or v_cache.requires_grad)
-    name = DISPATCH.choose((_device_type(q), q.dtype, grad), backend)
+    name = DISPATCH.choose((device_type(q), q.dtype, grad), backend)
     s = _scale(q, scale)
     mode = eager_mode((q, k_cache, v_cache, cache_seqlens))
     if name == "torch":
@@ -156,11 +156,7 @@ DISPATCH = backends.Dispatcher("decode_attention", {"native": _native_reasons, "
 def choose_backend(q: Tensor, k_cache: Tensor, v_cache: Tensor, backend: Optional[str] = None) -> str:
     """The backend that would run a ``decode_attention`` call on these tensors."""
     grad = torch.is_grad_enabled() and (q.requires_grad or k_cache.requires_grad or v_cache.requires_grad)
-    return DISPATCH.choose((_device_type(q), q.dtype, grad), backend)
-
-
-def _device_type(t: Tensor) -> str:
-    return "cpu" if t.is_cpu else "cuda" if t.is_cuda else t.device.type
+    return DISPATCH.choose((device_type(q), q.dtype, grad), backend)
 
 
 def _scale(q: Tensor, scale: Optional[float]) -> float:

@@ -24,8 +24,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import _native, backends
-from ._common import (EAGER, EAGER_GRAD, cuda_autocast_fp32, differentiable_grads, eager_mode, in_functorch_transform,
-                      vmap_by_loop)
+from ._common import (EAGER, EAGER_GRAD, cuda_autocast_fp32, device_type, differentiable_grads, eager_mode,
+                      in_functorch_transform, vmap_by_loop)
 
 # Activation codes shared with the kernels (csrc/include/pydl/layer_norm.h, pydl/triton).
 ACT_NONE, ACT_GELU, ACT_GELU_TANH = 0, 1, 2
@@ -165,15 +165,11 @@ DISPATCH = backends.Dispatcher(
     {"cpu": ("native", "torch"), "cuda": ("native", "triton", "torch")})
 
 
-def _device_type(x: Tensor) -> str:
-    return "cpu" if x.is_cpu else "cuda" if x.is_cuda else x.device.type
-
-
 def _key(x: Tensor) -> tuple:
     """The call class the backend choice depends on: (device type, dtype, N above Triton's range);
     both norms run on the same kernels, and every kernel backend takes float32 parameters with a
     float16/bfloat16 x (mixed precision) as well as parameters of x's dtype."""
-    return _device_type(x), x.dtype, x.shape[-1] > TRITON_MAX_N
+    return device_type(x), x.dtype, x.shape[-1] > TRITON_MAX_N
 
 
 def choose_backend(x: Tensor, backend: Optional[str] = None, op: str = "layer_norm") -> str:
