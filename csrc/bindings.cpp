@@ -4,7 +4,9 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include "pydl/beam_search_step.h"
 #include "pydl/decode_attention.h"
+#include "pydl/depthwise_conv2d.h"
 #include "pydl/layer_norm.h"
 #include "pydl/tensor_view.h"
 
@@ -89,6 +91,85 @@ pydl::DecodeAttentionArgs decode_args(int64_t B, int64_t H, int64_t Hkv, int64_t
   return a;
 }
 
+// Depthwise conv: x / y / dy / dx as logical (N, C, H, W) views dense in `layout` (their strides
+// follow from the sizes), weight / dweight (Cout, KH, KW) and bias / dbias (Cout,) contiguous.
+TensorView nchw_view(uintptr_t data, int32_t dtype, int64_t N, int64_t C, int64_t H, int64_t W,
+                     int32_t layout) {
+  if (data == 0) return TensorView{};
+  if (layout == static_cast<int32_t>(pydl::Layout::kNHWC)) {
+    return pydl::make_view(data, dtype, {N, C, H, W}, {H * W * C, 1, W * C, C});
+  }
+  return pydl::make_view(data, dtype, {N, C, H, W}, {C * H * W, H * W, W, 1});
+}
+
+TensorView filter_view(uintptr_t data, int32_t dtype, int64_t Cout, int64_t KH, int64_t KW) {
+  if (data == 0) return TensorView{};
+  return pydl::make_view(data, dtype, {Cout, KH, KW}, {KH * KW, KW, 1});
+}
+
+pydl::Conv2dGeometry geometry(int64_t sh, int64_t sw, int64_t ph, int64_t pw, int64_t dh,
+                              int64_t dw) {
+  pydl::Conv2dGeometry g;
+  g.stride_h = sh; g.stride_w = sw; g.pad_h = ph; g.pad_w = pw; g.dil_h = dh; g.dil_w = dw;
+  return g;
+}
+
+pydl::Layout layout_of(int32_t layout) {
+  if (layout != 0 && layout != 1) throw std::invalid_argument("depthwise_conv2d: bad layout code");
+  return static_cast<pydl::Layout>(layout);
+}
+
+pydl::DepthwiseConv2dFwdArgs dw_fwd_args(int64_t N, int64_t C, int64_t H, int64_t W, int64_t Cout,
+                                         int64_t KH, int64_t KW, int64_t Ho, int64_t Wo,
+                                         int64_t sh, int64_t sw, int64_t ph, int64_t pw,
+                                         int64_t dh, int64_t dw, int32_t layout, int32_t dtype,
+                                         uintptr_t x, uintptr_t weight, uintptr_t bias,
+                                         uintptr_t y) {
+  pydl::DepthwiseConv2dFwdArgs a;
+  a.layout = layout_of(layout);
+  a.x = nchw_view(x, dtype, N, C, H, W, layout);
+  a.weight = filter_view(weight, dtype, Cout, KH, KW);
+  a.bias = bias ? pydl::vector_view(bias, dtype, Cout) : TensorView{};
+  a.y = nchw_view(y, dtype, N, Cout, Ho, Wo, layout);
+  a.g = geometry(sh, sw, ph, pw, dh, dw);
+  return a;
+}
+
+pydl::DepthwiseConv2dBwdArgs dw_bwd_args(int64_t N, int64_t C, int64_t H, int64_t W, int64_t Cout,
+                                         int64_t KH, int64_t KW, int64_t Ho, int64_t Wo,
+                                         int64_t sh, int64_t sw, int64_t ph, int64_t pw,
+                                         int64_t dh, int64_t dw, int32_t layout, int32_t dtype,
+                                         uintptr_t dy, uintptr_t x, uintptr_t weight,
+                                         uintptr_t dx, uintptr_t dweight, uintptr_t dbias) {
+  pydl::DepthwiseConv2dBwdArgs a;
+  a.layout = layout_of(layout);
+  a.dy = nchw_view(dy, dtype, N, Cout, Ho, Wo, layout);
+  a.x = nchw_view(x, dtype, N, C, H, W, layout);
+  a.weight = filter_view(weight, dtype, Cout, KH, KW);
+  a.dx = nchw_view(dx, dtype, N, C, H, W, layout);
+  a.dweight = filter_view(dweight, dtype, Cout, KH, KW);
+  a.dbias = dbias ? pydl::vector_view(dbias, dtype, Cout) : TensorView{};
+  a.g = geometry(sh, sw, ph, pw, dh, dw);
+  return a;
+}
+
+// Beam search step: logits (B*K, V) with a row stride, the rest contiguous.
+pydl::BeamSearchStepArgs beam_args(int64_t B, int64_t K, int64_t V, int64_t n, int32_t dtype,
+                                   uintptr_t logits, int64_t logits_ld, int32_t score_dtype,
+                                   uintptr_t beam_scores, uintptr_t banned, int64_t num_banned,
+                                   uintptr_t out_scores, uintptr_t out_tokens,
+                                   uintptr_t out_beams) {
+  const auto i64 = static_cast<int32_t>(pydl::DType::kInt64);
+  pydl::BeamSearchStepArgs a;
+  a.logits = matrix_view(logits, dtype, B * K, V, logits_ld);
+  a.beam_scores = matrix_view(beam_scores, score_dtype, B, K, K);
+  a.banned = banned ? vector_view(banned, i64, num_banned) : TensorView{};
+  a.out_scores = matrix_view(out_scores, score_dtype, B, n, n);
+  a.out_tokens = matrix_view(out_tokens, i64, B, n, n);
+  a.out_beams = matrix_view(out_beams, i64, B, n, n);
+  return a;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -165,6 +246,53 @@ PYBIND11_MODULE(_C, m) {
       },
       PYDL_DECODE_NAMES, "num_threads"_a, gil);
 
+#define PYDL_DW_GEOM_ARGS                                                                      \
+  int64_t N, int64_t C, int64_t H, int64_t W, int64_t Cout, int64_t KH, int64_t KW, int64_t Ho, \
+      int64_t Wo, int64_t sh, int64_t sw, int64_t ph, int64_t pw, int64_t dh, int64_t dw,        \
+      int32_t layout, int32_t dtype
+#define PYDL_DW_GEOM_PASS N, C, H, W, Cout, KH, KW, Ho, Wo, sh, sw, ph, pw, dh, dw, layout, dtype
+#define PYDL_DW_GEOM_NAMES                                                                     \
+  "N"_a, "C"_a, "H"_a, "W"_a, "Cout"_a, "KH"_a, "KW"_a, "Ho"_a, "Wo"_a, "sh"_a, "sw"_a, "ph"_a,  \
+      "pw"_a, "dh"_a, "dw"_a, "layout"_a, "dtype"_a
+#define PYDL_DW_FWD_ARGS PYDL_DW_GEOM_ARGS, uintptr_t x, uintptr_t weight, uintptr_t bias, uintptr_t y
+#define PYDL_DW_FWD_PASS PYDL_DW_GEOM_PASS, x, weight, bias, y
+#define PYDL_DW_FWD_NAMES PYDL_DW_GEOM_NAMES, "x"_a, "weight"_a, "bias"_a, "y"_a
+#define PYDL_DW_BWD_ARGS                                                                       \
+  PYDL_DW_GEOM_ARGS, uintptr_t dy, uintptr_t x, uintptr_t weight, uintptr_t dx, uintptr_t dweight, \
+      uintptr_t dbias
+#define PYDL_DW_BWD_PASS PYDL_DW_GEOM_PASS, dy, x, weight, dx, dweight, dbias
+#define PYDL_DW_BWD_NAMES                                                                      \
+  PYDL_DW_GEOM_NAMES, "dy"_a, "x"_a, "weight"_a, "dx"_a, "dweight"_a, "dbias"_a
+
+  m.def(
+      "depthwise_conv2d_fwd_cpu",
+      [](PYDL_DW_FWD_ARGS, int num_threads) {
+        pydl::depthwise_conv2d_fwd_cpu(dw_fwd_args(PYDL_DW_FWD_PASS), num_threads);
+      },
+      PYDL_DW_FWD_NAMES, "num_threads"_a, gil);
+  m.def(
+      "depthwise_conv2d_bwd_cpu",
+      [](PYDL_DW_BWD_ARGS, int num_threads) {
+        pydl::depthwise_conv2d_bwd_cpu(dw_bwd_args(PYDL_DW_BWD_PASS), num_threads);
+      },
+      PYDL_DW_BWD_NAMES, "num_threads"_a, gil);
+
+#define PYDL_BEAM_ARGS                                                                         \
+  int64_t B, int64_t K, int64_t V, int64_t n, int32_t dtype, uintptr_t logits, int64_t logits_ld, \
+      int32_t score_dtype, uintptr_t beam_scores, uintptr_t banned, int64_t num_banned,          \
+      uintptr_t out_scores, uintptr_t out_tokens, uintptr_t out_beams
+#define PYDL_BEAM_PASS B, K, V, n, dtype, logits, logits_ld, score_dtype, beam_scores, banned, num_banned, out_scores, out_tokens, out_beams
+#define PYDL_BEAM_NAMES                                                                        \
+  "B"_a, "K"_a, "V"_a, "n"_a, "dtype"_a, "logits"_a, "logits_ld"_a, "score_dtype"_a,            \
+      "beam_scores"_a, "banned"_a, "num_banned"_a, "out_scores"_a, "out_tokens"_a, "out_beams"_a
+
+  m.def(
+      "beam_search_step_cpu",
+      [](PYDL_BEAM_ARGS, int num_threads) {
+        pydl::beam_search_step_cpu(beam_args(PYDL_BEAM_PASS), num_threads);
+      },
+      PYDL_BEAM_NAMES, "num_threads"_a, gil);
+
 #ifdef PYDL_WITH_CUDA
   m.def(
       "layer_norm_fwd_cuda",
@@ -193,5 +321,35 @@ PYBIND11_MODULE(_C, m) {
       PYDL_DECODE_NAMES, "workspace"_a, "stream"_a, gil);
   m.def("decode_attention_cuda_workspace_floats", &pydl::decode_attention_cuda_workspace_floats,
         "B"_a, "H"_a, "Hkv"_a, "L"_a, "Ev"_a, gil);
+  m.def(
+      "depthwise_conv2d_fwd_cuda",
+      [](PYDL_DW_FWD_ARGS, uintptr_t stream) {
+        pydl::depthwise_conv2d_fwd_cuda(dw_fwd_args(PYDL_DW_FWD_PASS), reinterpret_cast<void*>(stream));
+      },
+      PYDL_DW_FWD_NAMES, "stream"_a, gil);
+  m.def(
+      "depthwise_conv2d_bwd_cuda_workspace_floats",
+      [](PYDL_DW_BWD_ARGS) {
+        return pydl::depthwise_conv2d_bwd_cuda_workspace_floats(dw_bwd_args(PYDL_DW_BWD_PASS));
+      },
+      PYDL_DW_BWD_NAMES, gil);
+  m.def(
+      "depthwise_conv2d_bwd_cuda",
+      [](PYDL_DW_BWD_ARGS, uintptr_t workspace, uintptr_t stream) {
+        pydl::depthwise_conv2d_bwd_cuda(dw_bwd_args(PYDL_DW_BWD_PASS), reinterpret_cast<void*>(workspace),
+                                        reinterpret_cast<void*>(stream));
+      },
+      PYDL_DW_BWD_NAMES, "workspace"_a, "stream"_a, gil);
+  m.def(
+      "beam_search_step_cuda_workspace_bytes",
+      [](PYDL_BEAM_ARGS) { return pydl::beam_search_step_cuda_workspace_bytes(beam_args(PYDL_BEAM_PASS)); },
+      PYDL_BEAM_NAMES, gil);
+  m.def(
+      "beam_search_step_cuda",
+      [](PYDL_BEAM_ARGS, uintptr_t workspace, uintptr_t stream) {
+        pydl::beam_search_step_cuda(beam_args(PYDL_BEAM_PASS), reinterpret_cast<void*>(workspace),
+                                    reinterpret_cast<void*>(stream));
+      },
+      PYDL_BEAM_NAMES, "workspace"_a, "stream"_a, gil);
 #endif
 }

@@ -4,7 +4,10 @@
     y = pydl.ops.layer_norm_gelu(x, weight, bias)      # functional ops
     ln = pydl.nn.LayerNorm(768)                        # drop-in modules
     pydl.info()                                        # what was built, which backends run
+    pydl.models.create("convnext_tiny")                # models, generation, train: imported on first use
 """
+
+import importlib
 
 from . import nn, ops
 from ._version import __version__
@@ -18,4 +21,14 @@ def info() -> dict:
     return collect_info()
 
 
-__all__ = ["BackendError", "info", "nn", "ops", "__version__"]
+_LAZY = ("generation", "models", "train")
+
+
+def __getattr__(name: str):
+    """pydl.models / pydl.generation / pydl.train, imported on first access (import pydl stays cheap)."""
+    if name in _LAZY:
+        return importlib.import_module(f".{name}", __name__)
+    raise AttributeError(f"module 'pydl' has no attribute {name!r}")
+
+
+__all__ = ["BackendError", "generation", "info", "models", "nn", "ops", "train", "__version__"]

@@ -28,27 +28,17 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures as cf
-import contextlib
-import io
+import functools
 import itertools
 import os
-import re
-import shutil
-import sys
-import tempfile
 import time
 
-os.environ.pop("TRITON_INTERPRET", None)  # before triton is imported: compile, not interpret
-# A private, empty cache: every kernel is really compiled, so Triton's own ptxas log (with the
-# ptxas options it uses) is there to read for every configuration.
-_CACHE = tempfile.mkdtemp(prefix="pydl-triton-compile-")
-os.environ["TRITON_CACHE_DIR"] = _CACHE
-
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+# before triton: a private, empty cache (every kernel really compiled, its ptxas log there to read),
+# no TRITON_INTERPRET
+import triton_compile_common as common
+from triton_compile_common import MAX_SMEM, REGS_PER_SM
 
 SM_COUNT = 132  # H100 / H200 SXM: decides which BLOCK_M the forward launcher can pick
-MAX_SMEM = 227 * 1024  # sm_90: dynamic shared memory per block (opt-in)
-REGS_PER_SM = 64 * 1024
 # x's dtype, or "x:parameters" (mixed precision: float32 weight / bias with a 16-bit x).
 DTYPES = ("fp32", "fp16", "bf16", "bf16:fp32", "fp16:fp32")
 PARAM_PTRS = {"W", "B"}  # weight, bias: the parameters' dtype
@@ -213,52 +203,15 @@ def _signature(fn, dt: str, constexprs: dict, aligned: bool):
     return sig, consts, attrs
 
 
-_PTXAS_RE = {
-    "regs": re.compile(r"Used (\d+) registers"),
-    "spill": re.compile(r"(\d+) bytes spill stores, (\d+) bytes spill loads"),
-}
-
-
 def compile_one(cfg, dump_dir=None):
     """Compiles one configuration; returns a result dict (never raises)."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
     import pydl.triton.layer_norm as ln
 
     name, dt, aligned, constexprs, nw = cfg
     fn = getattr(ln, name)
     res = dict(kernel=name, dtype=dt, aligned=aligned, constexprs=constexprs, num_warps=nw)
-    t0 = time.perf_counter()
-    try:
-        sig, consts, attrs = _signature(fn, dt, constexprs, aligned)
-        src = ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs)
-        # Triton runs `ptxas -v` itself (with its own options); this knob prints that log
-        triton.knobs.nvidia.dump_ptxas_log = True
-        out = io.StringIO()
-        with contextlib.redirect_stdout(out):
-            kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32),
-                                    options={"num_warps": nw})
-        log = out.getvalue()
-        ptx = kernel.asm["ptx"]
-        if not _PTXAS_RE["regs"].search(log):
-            raise RuntimeError("no ptxas log (was the kernel taken from a cache?)")
-        regs = int(_PTXAS_RE["regs"].search(log).group(1))
-        spill = _PTXAS_RE["spill"].search(log)
-        res.update(ok=True, regs=regs, spill_st=int(spill.group(1)), spill_ld=int(spill.group(2)),
-                   smem=int(kernel.metadata.shared))
-        if dump_dir:
-            os.makedirs(dump_dir, exist_ok=True)
-            code = re.split(r"^\s*\.section\s+\.debug", ptx, maxsplit=1, flags=re.M)[0]
-            with open(os.path.join(dump_dir, config_id(cfg) + ".ptx"), "w") as f:
-                # without debug info (line numbers, file names): only the code, to compare
-                f.write("\n".join(l for l in code.splitlines()
-                                  if not l.lstrip().startswith((".loc", ".file", "//"))) + "\n")
-    except Exception as e:  # noqa: BLE001 - reported, and the exit status says so
-        res.update(ok=False, error=f"{type(e).__name__}: {e}")
-    res["secs"] = time.perf_counter() - t0
-    return res
+    return common.compile_into(res, fn, functools.partial(_signature, fn, dt, constexprs, aligned), nw,
+                               ptx_path=os.path.join(dump_dir, config_id(cfg) + ".ptx") if dump_dir else None)
 
 
 _ABBREV = {"HAS_RES": "res", "HAS_DH": "dh", "HAS_W": "w", "HAS_B": "b", "ACT": "act",
@@ -325,12 +278,5 @@ def main(argv=None) -> int:
     return 1 if status else 0
 
 
-def _main() -> int:
-    try:
-        return main()
-    finally:
-        shutil.rmtree(_CACHE, ignore_errors=True)
-
-
 if __name__ == "__main__":
-    sys.exit(_main())
+    common.run_and_clean_up(main)

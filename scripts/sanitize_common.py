@@ -1,16 +1,21 @@
 """What the compute-sanitizer workloads (scripts/sanitize_<op>.py) share: their command line, the
-"nothing to run here" checks (exit 2), the profiler that records which kernels ran (--coverage) and
-the coverage verdict (exit 3). The contract of a workload: scripts/gpu_check/stages.txt."""
+"nothing to run here" checks (exit 2), the case loop, the profiler that records which kernels ran
+(--coverage) and the coverage verdict (exit 3), and the final verdict and summary line (exits 1 and
+4). The contract of a workload: scripts/gpu_check/stages.txt."""
 
 from __future__ import annotations
 
 import argparse
-from typing import Optional
+import re
+import time
+from typing import Callable, Iterable, NamedTuple, Optional
 
 import torch
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 SHORT = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+# (part of a C++ type in a kernel's template arguments, as the profiler names it; its short name)
+SHORT_TYPE_NAMES = (("bfloat16", "bf16"), ("half", "fp16"), ("float", "fp32"))
 
 
 def parser(doc: str) -> argparse.ArgumentParser:
@@ -57,6 +62,26 @@ def start_profiler(args, device: torch.device):
     return prof
 
 
+def profiled_kernels(prof, names: str) -> Optional[set]:
+    """None without a profiler (no --coverage, or not on a GPU); else waits for the GPU, stops the
+    profiler and returns the kernels it saw whose name matches the regular expression ``names``
+    (e.g. ``"decode_split|decode_combine"``) as ``name<args>`` keys, the storage types among the
+    template arguments by their short names (``decode_split<bf16,8>``)."""
+    if prof is None:
+        return None
+    torch.cuda.synchronize()
+    prof.__exit__(None, None, None)
+    seen = set()
+    for e in prof.key_averages():
+        m = re.search(r"\b(" + names + r")<([^<>]*)>", e.key)
+        if not m:
+            continue
+        args = [a.strip() for a in m.group(2).split(",")]
+        args = [next((s for long_, s in SHORT_TYPE_NAMES if long_ in a), a) for a in args]
+        seen.add(f"{m.group(1)}<{','.join(args)}>")
+    return seen
+
+
 def coverage_verdict(expected, seen, what: str = "the launchers chose differently: update the replica / the cases") -> int:
     """Prints the kernels seen against the expected ones; 3 if one is missing, else 0."""
     missing = sorted(k for k in expected if k not in seen)
@@ -73,13 +98,21 @@ def coverage_verdict(expected, seen, what: str = "the launchers chose differentl
     return 0
 
 
-def run_cases(prog: str, cases, args, t_start: float, run_one, row):
-    """Runs ``run_one(case) -> (bad, keys, extra)`` for each case in order (an exception is a failed
-    case: reported, and the run goes on; the sanitizer log has the rest), starting none later than
-    --time-limit-s after ``t_start`` (time.monotonic()), and prints ``row(i, case, keys, extra,
-    result)`` per case. Returns (failures, cases run, {kernel key: index of the first case})."""
-    import time
+class CaseResults(NamedTuple):
+    """What run_cases() leaves for finish()."""
+    failures: int  # failed cases
+    ran: int  # cases run (fewer than planned when --time-limit-s stopped the run)
+    expected: dict  # {kernel key: index of the first case that expected it}
+    started: float  # time.perf_counter() when the header was printed, before the first case
 
+
+def run_cases(prog: str, cases, args, t_start: float, header: str, run_one, row) -> CaseResults:
+    """Prints the table's ``header``, then runs ``run_one(case) -> (bad, keys, extra)`` for each case
+    in order (an exception is a failed case: reported, and the run goes on; the sanitizer log has
+    the rest), starting none later than --time-limit-s after ``t_start`` (time.monotonic()), and
+    prints ``row(i, case, keys, extra, result)`` per case."""
+    started = time.perf_counter()
+    print(header, flush=True)
     failures, ran, expected = 0, 0, {}
     for i, c in enumerate(cases):
         if args.time_limit_s and time.monotonic() - t_start > args.time_limit_s:
@@ -97,7 +130,36 @@ def run_cases(prog: str, cases, args, t_start: float, run_one, row):
         for k in keys:
             expected.setdefault(k, i)
         print(row(i, c, keys, extra, result), flush=True)
-    return failures, ran, expected
+    return CaseResults(failures, ran, expected, started)
+
+
+def finish(prog: str, cases, results: CaseResults, device: torch.device, seen,
+           planned_keys: Optional[Callable[[object], Iterable[str]]], *, what: str,
+           seen_note: str = "", details: str = "") -> int:
+    """Prints a run's verdict and summary line and returns its exit status: 1 if a case failed;
+    with ``seen`` (the kernels the --coverage profiler saw; None without one) the kernels seen,
+    ``seen_note`` and coverage_verdict(``what``) (3); when --time-limit-s stopped the run early,
+    4 if a kernel key ``planned_keys(case)`` predicts for some case had not been expected by a case
+    that ran (None: nothing to check, only noted). ``details`` goes into the summary line before
+    the device."""
+    rc = 1 if results.failures else 0
+    if seen is not None:
+        print(f"kernels seen ({len(seen)}): " + " ".join(sorted(seen)))
+        if seen_note:
+            print(seen_note)
+        rc = rc or coverage_verdict(results.expected, seen, what)
+    else:
+        print(f"kernel configurations exercised (replica): {len(results.expected)}")
+    if results.ran < len(cases):
+        planned = {k for c in cases for k in planned_keys(c)} if planned_keys is not None else set()
+        if planned <= set(results.expected):
+            print(f"note: stopped after {results.ran} of {len(cases)} cases; every kernel configuration had run")
+        else:
+            rc = rc or 4
+    print(f"{prog}: {results.failures} failing case(s) of {results.ran} run ({len(cases)} planned), "
+          f"{details + ', ' if details else ''}device {device.type}, "
+          f"{time.perf_counter() - results.started:.1f} s", flush=True)
+    return rc
 
 
 def start(prog: str, args, native: bool = True):

@@ -30,14 +30,13 @@ import time
 T_START = time.monotonic()  # --time-limit-s counts from here, torch's import and CUDA init included
 
 import os  # noqa: E402
-import re  # noqa: E402
 import sys  # noqa: E402
 from dataclasses import dataclass, field  # noqa: E402
 
 import torch  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from scripts.sanitize_common import SHORT, coverage_verdict, parser, run_cases, start  # noqa: E402
+from scripts.sanitize_common import SHORT, finish, parser, profiled_kernels, run_cases, start  # noqa: E402
 
 TOL = {torch.float32: (1e-4, 1e-5), torch.float16: (5e-3, 1e-3), torch.bfloat16: (2e-2, 2e-3)}  # rel, abs
 THREADS, TILE, MIN_SPLIT, MAX_SPLITS, BLOCKS_PER_SM = 128, 128, 256, 64, 4
@@ -198,24 +197,10 @@ def run_case(ops, ref_fn, c, device, gen, side, sms):
     return bad, (expected_kernels(c, vector_ok(k, v, vec), sms) if device.type == "cuda" else [])
 
 
-# ---- coverage: the kernels torch.profiler saw ----------------------------------------------------
-
-_TYPE = (("bfloat16", "bf16"), ("half", "fp16"), ("float", "fp32"))
-
-
-def observed_kernels(prof) -> set:
-    seen = set()
-    for e in prof.key_averages():
-        m = re.search(r"\b(decode_split|decode_combine)<([^<>]*)>", e.key)
-        if not m:
-            continue
-        args = [a.strip() for a in m.group(2).split(",")]
-        args = [next((s for long_, s in _TYPE if long_ in a), a) for a in args]
-        seen.add(f"{m.group(1)}<{','.join(args)}>")
-    return seen
-
-
 # ---- main ----------------------------------------------------------------------------------------
+
+KERNEL_NAMES = "decode_split|decode_combine"  # what --coverage looks for among the profiled kernels
+
 
 def main(argv=None) -> int:
     args = parser(__doc__).parse_args(argv)
@@ -226,40 +211,22 @@ def main(argv=None) -> int:
     import pydl.ops as ops
     from pydl.ops.decode_attention import decode_attention_ref
 
-    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
-    cases = build_cases(dtypes, args.quick, sms)
-    t0 = time.perf_counter()
-    print(f"{'#':>3s} {'dtype':5s} {'B Hkv G L E Ev':22s} {'layout':10s} {'lens':16s} {'stream':6s} "
-          f"{'expected kernels':50s} result", flush=True)
-
     def row(i, c, keys, _, result):
         shape = f"{c.B} {c.Hkv} {c.G} {c.L} {c.E} {c.Ev}"
         lens = ",".join(str(min(n, c.L)) for n in c.lens[:4]) + ("/64" if c.lens64 else "")
         return (f"{i:3d} {SHORT[c.dtype]:5s} {shape:22s} {c.layout:10s} {lens:16s} "
                 f"{'side' if c.stream and side is not None else 'dflt':6s} {' '.join(keys):50s} {result}")
 
-    failures, ran, expected = run_cases(
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+    cases = build_cases(dtypes, args.quick, sms)
+    results = run_cases(
         "sanitize_decode_attention", cases, args, T_START,
+        f"{'#':>3s} {'dtype':5s} {'B Hkv G L E Ev':22s} {'layout':10s} {'lens':16s} {'stream':6s} "
+        f"{'expected kernels':50s} result",
         lambda c: run_case(ops, decode_attention_ref, c, device, gen, side, sms) + (None,), row)
-    rc = 1 if failures else 0
-    if prof is not None:
-        torch.cuda.synchronize()
-        prof.__exit__(None, None, None)
-        seen = observed_kernels(prof)
-        print(f"kernels seen ({len(seen)}): " + " ".join(sorted(seen)))
-        rc = rc or coverage_verdict(expected, seen, "the launcher chose differently: update "
-                                    "expected_kernels / the cases")
-    else:
-        print(f"kernel configurations exercised (replica): {len(expected)}")
-    if ran < len(cases):
-        planned = {k for c in cases for k in static_keys(c, sms)}
-        if device.type == "cuda" and not planned <= set(expected):
-            rc = rc or 4
-        else:
-            print(f"note: stopped after {ran} of {len(cases)} cases; every kernel configuration had run")
-    print(f"sanitize_decode_attention: {failures} failing case(s) of {ran} run ({len(cases)} planned), "
-          f"device {device.type}, {time.perf_counter() - t0:.1f} s", flush=True)
-    return rc
+    return finish("sanitize_decode_attention", cases, results, device, profiled_kernels(prof, KERNEL_NAMES),
+                  (lambda c: static_keys(c, sms)) if device.type == "cuda" else None,
+                  what="the launcher chose differently: update expected_kernels / the cases")
 
 
 if __name__ == "__main__":

@@ -58,7 +58,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from scripts.sanitize_common import SHORT, coverage_verdict, parser, run_cases, start  # noqa: E402
+from scripts.sanitize_common import SHORT, SHORT_TYPE_NAMES, finish, parser, run_cases, start  # noqa: E402
 
 EPS = 1e-5
 TOL = {torch.float32: (1e-4, 1e-6), torch.float16: (5e-3, 1e-3), torch.bfloat16: (2e-2, 1e-3)}  # rel, abs
@@ -354,9 +354,6 @@ class _Null:
 
 # ---- coverage: the kernels torch.profiler saw ----------------------------------------------------
 
-_TYPE = (("bfloat16", "bf16"), ("half", "fp16"), ("float", "fp32"))
-
-
 def observed_kernels(prof) -> tuple:
     """({key: max dynamic smem seen or -1}, note) from the profiler's trace."""
     seen, note = {}, ""
@@ -377,7 +374,7 @@ def observed_kernels(prof) -> tuple:
             continue
         args = [a.strip() for a in m.group(2).split(",")]
         for i, a in enumerate(args):  # the storage types (T, P) by their short names
-            args[i] = next((short for long_, short in _TYPE if long_ in a), a)
+            args[i] = next((short for long_, short in SHORT_TYPE_NAMES if long_ in a), a)
         key = f"{m.group(1)}<{','.join(args)}>"
         seen[key] = max(seen.get(key, -1), int(smem) if str(smem).lstrip("-").isdigit() else -1)
     return seen, note
@@ -396,11 +393,6 @@ def main(argv=None) -> int:
     device, dtypes, side, gen, prof = run
     import pydl.ops as ops
 
-    cases = build_cases(dtypes, args.quick)
-    t0 = time.perf_counter()
-    print(f"{'#':>3s} {'dtype':9s} {'shape':10s} {'layout':10s} {'op':15s} {'act':9s} {'w b':4s} "
-          f"{'stream':6s} {'expected kernels':60s} result", flush=True)
-
     def row(i, c, keys, smem, result):
         smem = smem or 0
         kern = " ".join(k.replace("ln_", "") for k in keys) + (f" smem {smem // 1024}K" if smem > 48 * 1024 else "")
@@ -409,29 +401,22 @@ def main(argv=None) -> int:
         return (f"{i:3d} {dts:9s} {f'{c.m}x{c.n}':10s} {c.layout:10s} {c.op:15s} {str(c.act):9s} "
                 f"{wb:4s} {'side' if c.stream and side is not None else 'dflt':6s} {kern:60s} {result}")
 
-    failures, ran, expected = run_cases("sanitize_layer_norm", cases, args, T_START,
-                                        lambda c: run_case(ops, c, args.backend, device, gen, side), row)
-    rc = 1 if failures else 0
+    cases = build_cases(dtypes, args.quick)
+    results = run_cases(
+        "sanitize_layer_norm", cases, args, T_START,
+        f"{'#':>3s} {'dtype':9s} {'shape':10s} {'layout':10s} {'op':15s} {'act':9s} {'w b':4s} "
+        f"{'stream':6s} {'expected kernels':60s} result",
+        lambda c: run_case(ops, c, args.backend, device, gen, side), row)
+    seen, smem_note = None, ""
     if prof is not None:
         prof.__exit__(None, None, None)
         seen, note = observed_kernels(prof)
         optin = [k for k, s in seen.items() if s > 48 * 1024]
-        print(f"kernels seen ({len(seen)}): " + " ".join(sorted(seen)))
-        print(f"kernels with > 48 KB dynamic shared memory: {' '.join(sorted(optin)) or 'none seen'}"
-              + (f" ({note})" if note else ""))
-        rc = rc or coverage_verdict(expected, seen, "the launchers chose differently: update "
-                                    "expected_kernels / the shapes")
-    else:
-        print(f"kernel configurations exercised (replica): {len(expected)}")
-    if ran < len(cases):
-        planned = {k for c in cases for k in static_keys(c)}
-        if planned <= set(expected):
-            print(f"note: stopped after {ran} of {len(cases)} cases; every kernel configuration had run")
-        else:
-            rc = rc or 4
-    print(f"sanitize_layer_norm: {failures} failing case(s) of {ran} run ({len(cases)} planned), backend "
-          f"{args.backend}, device {device.type}, {time.perf_counter() - t0:.1f} s", flush=True)
-    return rc
+        smem_note = (f"kernels with > 48 KB dynamic shared memory: {' '.join(sorted(optin)) or 'none seen'}"
+                     + (f" ({note})" if note else ""))
+    return finish("sanitize_layer_norm", cases, results, device, seen, static_keys,
+                  what="the launchers chose differently: update expected_kernels / the shapes",
+                  seen_note=smem_note, details=f"backend {args.backend}")
 
 
 if __name__ == "__main__":

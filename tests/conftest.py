@@ -3,7 +3,8 @@
 Environment:
   PYDL_TEST_DEVICE   device for the device-generic tests: "cpu" (default) or "cuda".
   PYDL_TEST_SEED     optional salt for the per-test seeds (default: none; seeds are fixed).
-  PYDL_ATTENTION_AUTOTUNE  set to "0" here (table tiles; see pydl/triton/attention.py).
+  PYDL_ATTENTION_AUTOTUNE, PYDL_CONV2D_AUTOTUNE  set to "0" here (table tiles; see
+                     pydl/triton/attention.py, pydl/triton/conv2d.py).
   TRITON_INTERPRET   set to "1" here when no CUDA GPU is usable (before anything imports
                      triton), so @pytest.mark.triton tests run the kernels on CPU.
 """
@@ -29,6 +30,7 @@ CUDA_USABLE = _cuda_usable()
 # The attention launchers autotune on a GPU (timing 4 tiles per new shape): the tests use the
 # table's tiles, except the test that exercises the autotuner itself.
 os.environ.setdefault("PYDL_ATTENTION_AUTOTUNE", "0")
+os.environ.setdefault("PYDL_CONV2D_AUTOTUNE", "0")
 if not CUDA_USABLE:
     # Must happen before the first `import triton` anywhere in the process.
     os.environ.setdefault("TRITON_INTERPRET", "1")

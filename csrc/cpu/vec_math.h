@@ -26,22 +26,26 @@ PYDL_INLINE int32_t float_to_bits(float f) {
   return i;
 }
 
-// e^x. Range reduction x = n*ln2 + r (|r| <= ln2/2, ln2 split in an exact high part and a
-// low part), e^r by its degree-7 Taylor polynomial (relative error < 6e-9), 2^n by building
-// the exponent bits. Inputs are clamped to [-87, 88] so 2^n stays a normal float, and below
-// -87 the result is flushed to 0 (so e^-inf = 0 and inf * e^-inf is NaN, as in libm); NaN passes.
-PYDL_INLINE float exp(float x) {
-  const bool underflow = x < -87.0f;
-  x = underflow ? -87.0f : x;
-  x = x > 88.0f ? 88.0f : x;
+// e^x for x in [-87, 88] (the callers clamp: 2^n stays a normal float). Range reduction
+// x = n*ln2 + r (|r| <= ln2/2, ln2 split in an exact high part and a low part), e^r by its Taylor
+// polynomial of degree kDegree (relative error < 6e-9 for 7, < 1.3e-7 for 6), 2^n by building the
+// exponent bits. NaN passes.
+template <int kDegree>
+PYDL_INLINE float exp_in_range(float x) {
+  static_assert(kDegree == 6 || kDegree == 7, "e^r: a Taylor polynomial of degree 6 or 7");
   const float kRound = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
   float t = x * 1.44269504088896341f + kRound;
   float n = t - kRound;
   int32_t ni = float_to_bits(t) - float_to_bits(kRound);
   float r = x - n * 0.693145751953125f;  // ln2 high part: exact product for |n| < 2^9
   r = r - n * 1.428606765330187e-06f;    // ln2 low part
-  float p = 1.0f / 5040.0f;
-  p = p * r + 1.0f / 720.0f;
+  float p;
+  if constexpr (kDegree == 7) {
+    p = 1.0f / 5040.0f;
+    p = p * r + 1.0f / 720.0f;
+  } else {
+    p = 1.0f / 720.0f;
+  }
   p = p * r + 1.0f / 120.0f;
   p = p * r + 1.0f / 24.0f;
   p = p * r + 1.0f / 6.0f;
@@ -49,7 +53,16 @@ PYDL_INLINE float exp(float x) {
   p = p * r + 1.0f;
   p = p * r + 1.0f;
   // Shift as unsigned: NaN inputs give out-of-range ni, and a signed overflow would be UB.
-  const float e = p * bits_to_float(static_cast<int32_t>(static_cast<uint32_t>(ni + 127) << 23));
+  return p * bits_to_float(static_cast<int32_t>(static_cast<uint32_t>(ni + 127) << 23));
+}
+
+// e^x: exp_in_range<7> with inputs clamped to [-87, 88], and below -87 the result flushed to 0
+// (so e^-inf = 0 and inf * e^-inf is NaN, as in libm); NaN passes.
+PYDL_INLINE float exp(float x) {
+  const bool underflow = x < -87.0f;
+  x = underflow ? -87.0f : x;
+  x = x > 88.0f ? 88.0f : x;
+  const float e = exp_in_range<7>(x);
   return underflow ? 0.0f : e;
 }
 

@@ -245,6 +245,39 @@ def _flags(r: dict) -> list:
     return [f for f in str(r.get("flag") or "").split(";") if f]
 
 
+# ---- helpers of the suites' target tables (``Suite.report``) -------------------------------------
+
+def measured(r: Optional[dict]) -> bool:
+    """Whether a finalized row holds a measured time."""
+    return r is not None and r.get("status") == OK and r.get("p50_ms") not in ("", None)
+
+
+def cell_time(r: Optional[dict], unit: str = "ms") -> str:
+    """A row's median as "12.3 ms" / "456 µs", or "—" when it was not measured."""
+    if not measured(r):
+        return "—"
+    ms = float(r["p50_ms"])
+    return f"{1000 * ms:.0f} µs" if unit == "us" else f"{ms:.3g} ms"
+
+
+def pct_of_ceiling(r: Optional[dict]) -> Optional[float]:
+    return float(r["pct_of_ceiling"]) if measured(r) and r.get("pct_of_ceiling") not in ("", None) else None
+
+
+def cell_pct(r: Optional[dict]) -> str:
+    pct = pct_of_ceiling(r)
+    return "—" if pct is None else f"{pct:.0f}%"
+
+
+def speedup(r: Optional[dict], base: Optional[dict]) -> Optional[float]:
+    """base time / r time, None unless both were measured."""
+    return float(base["p50_ms"]) / float(r["p50_ms"]) if measured(r) and measured(base) else None
+
+
+def verdict(ok: Optional[bool]) -> str:
+    return "not measured" if ok is None else ("met" if ok else "**MISSED**")
+
+
 def flag_note(rows) -> str:
     """" (⚠noisy: do not trust)" when any of ``rows`` is flagged, else "" (target tables)."""
     flagged = ", ".join(sorted({f for r in rows for f in _flags(r)}))

@@ -90,6 +90,17 @@ def cuda_autocast_fp32(device_type: str, tensors: tuple) -> tuple:
                  for t in tensors)
 
 
+def autocast_lower_precision(device_type: str, tensors: tuple) -> tuple:
+    """torch's autocast "lower precision" policy (conv2d, linear, ...): inside an enabled autocast
+    region of ``device_type`` (CPU or CUDA), floating tensors other than float64 are cast to the
+    autocast dtype. Elsewhere (no autocast, other device types such as meta) unchanged."""
+    if device_type not in ("cpu", "cuda") or not torch.is_autocast_enabled(device_type):
+        return tensors
+    dt = torch.get_autocast_dtype(device_type)
+    return tuple(t.to(dt) if isinstance(t, Tensor) and t.is_floating_point() and t.dtype != torch.float64 else t
+                 for t in tensors)
+
+
 def differentiable_grads(reference: Callable[..., Sequence[Tensor]], inputs: Sequence[Optional[Tensor]],
                          grad_outputs: Sequence[Optional[Tensor]]) -> tuple:
     """Gradients of ``reference(*inputs)`` w.r.t. ``inputs``, as a graph (``create_graph``).
@@ -115,7 +126,8 @@ def vmap_by_loop(op: Callable, info, in_dims: Sequence[Optional[int]], *args) ->
     the outputs along dim 0 — for the calls a fused rule does not cover (e.g. batched weights)."""
     outs = []
     for i in range(info.batch_size):
-        outs.append(op(*[a.select(d, i) if d is not None else a for a, d in zip(args, in_dims)]))
+        outs.append(op(*[a.select(d, i) if isinstance(a, Tensor) and d is not None else a
+                         for a, d in zip(args, in_dims)]))
     if isinstance(outs[0], Tensor):
         return torch.stack(outs), 0
     stacked = tuple(torch.stack(parts) for parts in zip(*outs))

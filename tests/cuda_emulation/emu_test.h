@@ -17,14 +17,17 @@
 #include <algorithm>
 #include <chrono>
 #include <cmath>
+#include <cstdint>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <random>
 #include <string>
 #include <type_traits>
+#include <vector>
 
 #include "pydl/dtype.h"
+#include "pydl/tensor_view.h"
 
 // The storage of `extern __shared__` in cuda::dynamic_smem (blocks run one after another).
 namespace pydl { namespace cuda { alignas(16) unsigned char pydl_dynamic_smem[256 * 1024]; } }
@@ -49,6 +52,22 @@ template <typename T> const char* tname();
 template <> inline const char* tname<float>() { return "f32"; }
 template <> inline const char* tname<__half>() { return "f16"; }
 template <> inline const char* tname<__nv_bfloat16>() { return "bf16"; }
+
+// Calls run.template operator()<T>() for the three storage types in turn (float, __half,
+// __nv_bfloat16): emu::for_each_storage_type([&]<typename T>() { run<T>(c, label); });
+template <typename Run> void for_each_storage_type(Run&& run) {
+  run.template operator()<float>();
+  run.template operator()<__half>();
+  run.template operator()<__nv_bfloat16>();
+}
+
+// A defined TensorView of `data` (dtype dt) with these sizes and strides (in elements).
+inline pydl::TensorView view(void* data, pydl::DType dt, std::vector<int64_t> sizes, std::vector<int64_t> strides) {
+  pydl::TensorView v;
+  v.data = data; v.dtype = dt; v.ndim = static_cast<int>(sizes.size()); v.defined = true;
+  for (int i = 0; i < v.ndim; ++i) { v.sizes[i] = sizes[i]; v.strides[i] = strides[i]; }
+  return v;
+}
 
 inline bool close(double got, double ref, double atol, double rtol) {
   if (std::isnan(ref)) return std::isnan(got);

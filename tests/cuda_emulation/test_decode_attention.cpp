@@ -17,6 +17,7 @@
 using namespace pydl;
 using emu::ff;
 using emu::tf;
+using emu::view;
 
 namespace {
 
@@ -43,13 +44,6 @@ struct Raw {
     if (end_byte > first_byte && mprotect(base + first_byte, end_byte - first_byte, PROT_NONE) != 0) { std::perror("mprotect"); std::abort(); }
   }
 };
-
-TensorView view(void* data, DType dt, std::vector<int64_t> sizes, std::vector<int64_t> strides) {
-  TensorView v;
-  v.data = data; v.dtype = dt; v.ndim = static_cast<int>(sizes.size()); v.defined = true;
-  for (int i = 0; i < v.ndim; ++i) { v.sizes[i] = sizes[i]; v.strides[i] = strides[i]; }
-  return v;
-}
 
 struct Case {
   int64_t B = 1, Hkv = 1, G = 1, L = 64, E = 64, Ev = 64;
@@ -170,10 +164,8 @@ void run(const Case& c, const char* label) {
   rep.done();
 }
 
-void run3(const Case& c, const char* label) {
-  run<float>(c, label);
-  run<__half>(c, label);
-  run<__nv_bfloat16>(c, label);
+void run3(const Case& c, const char* label) {  // every storage type
+  emu::for_each_storage_type([&]<typename T>() { run<T>(c, label); });
 }
 
 }  // namespace

@@ -21,6 +21,10 @@ _SUITES = {
     "overhead": "pydl.bench.suites.overhead",
     "attention": "pydl.bench.suites.attention",
     "decode_attention": "pydl.bench.suites.decode_attention",
+    "depthwise_conv2d": "pydl.bench.suites.depthwise_conv2d",
+    "beam_search": "pydl.bench.suites.beam_search",
+    "conv2d": "pydl.bench.suites.conv2d",
+    "models": "pydl.bench.suites.models",
 }
 
 

@@ -58,7 +58,7 @@ from torch.utils.checkpoint import checkpoint
 from ..core import (COMPILE, COMPILED, EAGER, MODES, OK, PYDL, REFERENCE, SKIPPED, THROUGHPUT, Provider,
                     Suite, Unsupported, compile_fn)
 from ..gate import short
-from ..report import CEILING_OP, flag_note
+from ..report import CEILING_OP, flag_note, measured
 
 NAME = "attention"
 PLAIN, CAUSAL, BOOL_MASK, FLOAT_MASK = "attention", "attention.causal", "attention.bool_mask", "attention.float_mask"
@@ -305,12 +305,9 @@ TARGETS = (
 )
 
 
-def _ok(r) -> bool:
-    return r is not None and r.get("status") == OK and r.get("p50_ms") not in ("", None)
-
 
 def _tflops(r, ceiling=None) -> str:
-    if not _ok(r):
+    if not measured(r):
         return ""
     v = float(r["value"])
     return f"{v:.3g}" + (f" ({100 * v / ceiling[0]:.0f}% of {ceiling[1]} matmul)" if ceiling else "")
@@ -321,14 +318,14 @@ def check(t: Target, per: dict) -> tuple:
     ({provider: row}); verdict "met", "MISSED" or "not measured"."""
     p = per.get("pydl") or per.get("pydl-triton")
     if t.baseline == FASTEST:
-        sdpa = [(n, r) for n, r in per.items() if n in SDPA_BACKENDS and _ok(r)]
+        sdpa = [(n, r) for n, r in per.items() if n in SDPA_BACKENDS and measured(r)]
         name, base = min(sdpa, key=lambda nr: float(nr[1]["p50_ms"])) if sdpa else (FASTEST, None)
     else:
         name, base = t.baseline, per.get(t.baseline)
     if p is not None and p.get("status") not in (OK, SKIPPED):
         return "MISSED", f"pydl {p['status']}", p, name, base
     for who, r in (("pydl", p), (name, base)):
-        if not _ok(r):
+        if not measured(r):
             return "not measured", (f"{who}: " + (f"{r.get('status')} {r.get('note') or ''}".strip()
                                                   if r is not None else "no row"))[:160], p, name, base
     met = float(base["p50_ms"]) / float(p["p50_ms"]) >= t.speedup
@@ -349,7 +346,7 @@ def report(rows: list) -> list:
         for t in (t for t in TARGETS if t.applies(op, mode, n, d, dtype)):
             verdict, why, p, name, base = check(t, per)
             counts[t.label][verdict] += 1
-            speed = f"{float(base['p50_ms']) / float(p['p50_ms']):.2f}×" if _ok(p) and _ok(base) else ""
+            speed = f"{float(base['p50_ms']) / float(p['p50_ms']):.2f}×" if measured(p) and measured(base) else ""
             shown = {"met": "met", "MISSED": "**MISSED**"}.get(verdict, verdict)
             cells.append(f"| {t.label.split(' (')[0]} | {op} {mode} N={n} D={d} | {dtype} | {_tflops(p, ceil)} | "
                          f"{name} | {_tflops(base)} | {speed} | {shown}{f' ({why})' if why else ''}"

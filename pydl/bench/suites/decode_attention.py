@@ -29,8 +29,8 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
-from ..core import EAGER, OK, PYDL, REFERENCE, Provider, Suite
-from ..report import flag_note
+from ..core import EAGER, PYDL, REFERENCE, Provider, Suite
+from ..report import cell_pct, cell_time, flag_note, pct_of_ceiling, speedup, verdict
 
 NAME = "decode_attention"
 OP = "decode_attention"
@@ -118,20 +118,8 @@ def pydl_fn(op: str, backend: Optional[str] = None) -> Callable:
 
 # --------------------------------------------------------------------------------- targets
 
-def _ok(r) -> bool:
-    return r is not None and r.get("status") == OK and r.get("p50_ms") not in ("", None)
 
 
-def _us(r) -> str:
-    return f"{1000 * float(r['p50_ms']):.0f} µs" if _ok(r) else "—"
-
-
-def _pct(r) -> str:
-    return f"{float(r['pct_of_ceiling']):.0f}%" if _ok(r) and r.get("pct_of_ceiling") not in ("", None) else "—"
-
-
-def _verdict(ok: Optional[bool]) -> str:
-    return "not measured" if ok is None else ("met" if ok else "**MISSED**")
 
 
 def report(rows: list) -> list:
@@ -146,21 +134,21 @@ def report(rows: list) -> list:
     target_cell = ("cpu", ",".join(f"{k}={v}" for k, v in CPU_TARGET.items()), "float32")
     per = by.get(target_cell, {})
     p, base = per.get("pydl"), per.get(EAGER)
-    speed = float(base["p50_ms"]) / float(p["p50_ms"]) if _ok(p) and _ok(base) else None
-    lines.append(f"| CPU ≥ 1.5× SDPA | B=8 H=12 L=2048 E=64 float32 | {_us(p)} | {_us(base)} | "
-                 f"{f'{speed:.2f}×' if speed else '—'} | {_pct(p)} | "
-                 f"{_verdict(None if speed is None else speed >= 1.5)}"
+    speed = speedup(p, base)
+    lines.append(f"| CPU ≥ 1.5× SDPA | B=8 H=12 L=2048 E=64 float32 | {cell_time(p, 'us')} | {cell_time(base, 'us')} | "
+                 f"{f'{speed:.2f}×' if speed else '—'} | {cell_pct(p)} | "
+                 f"{verdict(None if speed is None else speed >= 1.5)}"
                  f"{' (no such cell in this run)' if not per else ''}{flag_note([r for r in (p, base) if r])} |")
     cuda = [(key, per) for key, per in by.items() if key[0] == "cuda"]
     for (_, shp, dtype), per in cuda:
         p, base = per.get("pydl"), per.get(EAGER)
-        speed = float(base["p50_ms"]) / float(p["p50_ms"]) if _ok(p) and _ok(base) else None
+        speed = speedup(p, base)
         b, h, hkv, length, e = dims(shp)
-        pct = float(p["pct_of_ceiling"]) if _ok(p) and p.get("pct_of_ceiling") not in ("", None) else None
+        pct = pct_of_ceiling(p)
         ok = None if speed is None else speed >= 1.5 and (length < 4096 or (pct is not None and pct >= 80))
         lines.append(f"| GPU ≥ 1.5× SDPA{', ≥ 80% copy' if length >= 4096 else ''} | B={b} H={h} Hkv={hkv} "
-                     f"L={length} E={e} {dtype} | {_us(p)} | {_us(base)} | {f'{speed:.2f}×' if speed else '—'} | "
-                     f"{_pct(p)} | {_verdict(ok)}{flag_note([r for r in (p, base) if r])} |")
+                     f"L={length} E={e} {dtype} | {cell_time(p, 'us')} | {cell_time(base, 'us')} | {f'{speed:.2f}×' if speed else '—'} | "
+                     f"{cell_pct(p)} | {verdict(ok)}{flag_note([r for r in (p, base) if r])} |")
     if not cuda:
         lines.append("| GPU ≥ 80% of copy (L ≥ 4k) and ≥ 1.5× SDPA | every CUDA cell | — | — | — | — | "
                      "not measured (no CUDA cells in this run) |")

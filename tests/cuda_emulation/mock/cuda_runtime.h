@@ -99,6 +99,7 @@ struct Block {
   std::vector<int> warp_arrived;
   std::vector<uint64_t> warp_gen;
   std::vector<float> slots;
+  std::vector<uint64_t> slots64;  // integer shuffles and ballots
   int current = -1;
   std::function<void()> body;
 };
@@ -147,6 +148,22 @@ inline float exchange(float v, int src_lane) {
   warp_wait();
   return r;
 }
+// Any 1..8-byte trivially copyable value, moved as raw bits (integer shuffles).
+template <typename T>
+inline T exchange_bits(T v, int src_lane) {
+  static_assert(sizeof(T) <= 8, "shuffle of a value wider than 8 bytes");
+  Block* b = g_block;
+  const int warp = threadIdx.x / 32;
+  uint64_t bits = 0;
+  std::memcpy(&bits, &v, sizeof(T));
+  b->slots64[threadIdx.x] = bits;
+  warp_wait();
+  bits = b->slots64[warp * 32 + src_lane];
+  warp_wait();
+  T r;
+  std::memcpy(&r, &bits, sizeof(T));
+  return r;
+}
 inline void fiber_entry() {
   g_block->body();
   g_block->fibers[g_block->current].state = 3;
@@ -175,6 +192,7 @@ void launch(void (*kernel)(KArgs...), long long grid, int block, size_t smem, Ar
     blk.warp_arrived.assign(block / 32, 0);
     blk.warp_gen.assign(block / 32, 0);
     blk.slots.assign(block, 0.0f);
+    blk.slots64.assign(block, 0);
     blk.fibers.resize(block);
     blk.body = [&] { kernel(args...); };
     g_block = &blk;
@@ -257,3 +275,33 @@ inline float __shfl_down_sync(unsigned mask, float v, int delta, int width = 32)
   return pydl_emulation::exchange(v, src);
 }
 inline float __frsqrt_rn(float x) { return static_cast<float>(1.0 / std::sqrt(static_cast<double>(x))); }
+// Integer shuffles (32- and 64-bit), ballot, popc and (shared / global) atomicAdd: fibers are
+// cooperative, so an atomic is a plain read-modify-write.
+#define PYDL_EMU_INT_SHFL(T)                                                                   \
+  inline T __shfl_xor_sync(unsigned mask, T v, int lane_mask, int width = 32) {              \
+    if (mask != 0xffffffffu || width != 32) pydl_emulation::fail("unexpected shuffle mask/width"); \
+    return pydl_emulation::exchange_bits(v, (threadIdx.x % 32) ^ lane_mask);                \
+  }                                                                                          \
+  inline T __shfl_sync(unsigned mask, T v, int src_lane, int width = 32) {                   \
+    if (mask != 0xffffffffu || width != 32) pydl_emulation::fail("unexpected shuffle mask/width"); \
+    return pydl_emulation::exchange_bits(v, src_lane & 31);                                  \
+  }
+PYDL_EMU_INT_SHFL(int)
+PYDL_EMU_INT_SHFL(unsigned)
+PYDL_EMU_INT_SHFL(long long)
+PYDL_EMU_INT_SHFL(unsigned long long)
+#undef PYDL_EMU_INT_SHFL
+inline unsigned __ballot_sync(unsigned mask, int pred) {
+  if (mask != 0xffffffffu) pydl_emulation::fail("unexpected ballot mask");
+  pydl_emulation::Block* b = pydl_emulation::g_block;
+  const int warp = threadIdx.x / 32;
+  b->slots64[threadIdx.x] = pred ? 1u : 0u;
+  pydl_emulation::warp_wait();
+  unsigned r = 0;
+  for (int l = 0; l < 32; ++l) r |= (b->slots64[warp * 32 + l] ? 1u : 0u) << l;
+  pydl_emulation::warp_wait();
+  return r;
+}
+inline int __popc(unsigned v) { return __builtin_popcount(v); }
+inline int atomicAdd(int* p, int v) { const int old = *p; *p = old + v; return old; }
+inline unsigned atomicAdd(unsigned* p, unsigned v) { const unsigned old = *p; *p = old + v; return old; }
