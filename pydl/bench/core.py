@@ -149,6 +149,20 @@ def shape_str(shape) -> str:
     return "x".join(str(int(d)) for d in shape)
 
 
+def shape_dims(shape, keys: tuple, suite: str, defaults: Optional[dict] = None) -> tuple:
+    """The ints of a keyed shape (a dict, a tuple in ``keys`` order, or its "K=..,K2=.." string), with
+    ``defaults`` for keys a dict / string may leave out; ValueError naming the suite's shape form."""
+    defaults = defaults or {}
+    if isinstance(shape, str):
+        shape = dict(p.split("=") for p in shape.split(",")) if "=" in shape else shape
+    if isinstance(shape, dict):
+        shape = tuple(shape.get(k, defaults.get(k)) for k in keys)
+    if not isinstance(shape, (tuple, list)) or len(shape) != len(keys) or None in shape:
+        form = ",".join(f"{k}=.." for k in keys)
+        raise ValueError(f"{suite} shapes are {form}, got {shape!r}")
+    return tuple(int(x) for x in shape)
+
+
 @dataclass
 class SuiteConfig:
     device: torch.device

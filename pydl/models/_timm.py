@@ -1,4 +1,5 @@
-"""Importing timm next to a CPU torch (tests and the benchmark suite only; pydl never needs timm).
+"""Importing timm / transformers next to a CPU torch (tests and the benchmark suites only; pydl
+itself never imports either).
 
 timm imports torchvision. A torchvision wheel built for another torch (the registry's is built
 for the CUDA torch) cannot load its native library ``torchvision/_C.so`` against the CPU torch,
@@ -50,3 +51,13 @@ def import_timm():
     if "torchvision" not in __import__("sys").modules:
         _prepare_torchvision()
     return importlib.import_module("timm")
+
+
+def import_transformers():
+    """``import transformers`` (ImportError when it is not installed), torchvision made importable
+    first (transformers probes it for its image utilities)."""
+    if importlib.util.find_spec("transformers") is None:
+        raise ImportError("transformers is not installed (pip install transformers torch==<your torch>)")
+    if "torchvision" not in __import__("sys").modules:
+        _prepare_torchvision()
+    return importlib.import_module("transformers")

@@ -7,9 +7,7 @@ EOS must actually occur for the finishing logic to be exercised: the embedding r
 from __future__ import annotations
 
 import functools
-import importlib
 import os
-import sys
 
 import torch
 
@@ -20,21 +18,10 @@ V = 100
 
 
 def transformers():
-    """transformers, imported so that a broken torchvision build (its C ops missing for this torch)
-    cannot break the import of text models (transformers probes torchvision for image utilities)."""
-    if "transformers" in sys.modules:
-        return sys.modules["transformers"]
-    hidden = False
-    if "torchvision" not in sys.modules:
-        try:
-            importlib.import_module("torchvision")
-        except Exception:  # broken install: hide it from transformers
-            sys.modules["torchvision"] = None
-            hidden = True
-    tf = importlib.import_module("transformers")
-    tf.GPT2LMHeadModel, tf.BartForConditionalGeneration  # resolve the lazy imports now
-    if hidden and sys.modules.get("torchvision", 0) is None:
-        del sys.modules["torchvision"]
+    """transformers, imported with torchvision made importable first (pydl.models._timm)."""
+    from pydl.models._timm import import_transformers
+
+    tf = import_transformers()
     tf.logging.set_verbosity_error()
     return tf
 

@@ -8,19 +8,19 @@ for timm, the same way).
 from __future__ import annotations
 
 import os
-import sys
 
 import pytest
 
-from pydl.models._timm import _prepare_torchvision
+from pydl.models._timm import import_transformers as _import
 
 
 def import_transformers():
     """transformers, offline (HF_HUB_OFFLINE=1), or skip the test module."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    if "torchvision" not in sys.modules:
-        _prepare_torchvision()
-    tf = pytest.importorskip("transformers")
+    try:
+        tf = _import()
+    except ImportError as exc:
+        pytest.skip(str(exc))
     tf.logging.set_verbosity_error()
     return tf

@@ -23,6 +23,7 @@ _SUITES = {
     "decode_attention": "pydl.bench.suites.decode_attention",
     "depthwise_conv2d": "pydl.bench.suites.depthwise_conv2d",
     "beam_search": "pydl.bench.suites.beam_search",
+    "generate": "pydl.bench.suites.generate",
     "conv2d": "pydl.bench.suites.conv2d",
     "models": "pydl.bench.suites.models",
 }

@@ -26,7 +26,7 @@ from typing import Callable, Optional
 
 import torch
 
-from ..core import COMPILE, EAGER, PYDL, REFERENCE, Provider, Suite, compile_provider
+from ..core import COMPILE, EAGER, PYDL, REFERENCE, Provider, Suite, compile_provider, shape_dims
 from ..report import cell_pct, cell_time, flag_note, pct_of_ceiling, speedup, verdict
 
 NAME = "beam_search"
@@ -40,13 +40,7 @@ def shape(b: int, k: int, v: int) -> dict:
 
 def dims(s) -> tuple:
     """(B, K, V) of a shape dict, tuple or "B=..,K=..,V=.." string."""
-    if isinstance(s, str):
-        s = dict(p.split("=") for p in s.split(","))
-    if isinstance(s, dict):
-        s = tuple(s[k] for k in ("B", "K", "V"))
-    if len(s) != 3:
-        raise ValueError(f"beam_search shapes are B=..,K=..,V=.., got {s!r}")
-    return tuple(int(x) for x in s)
+    return shape_dims(s, ("B", "K", "V"), NAME)
 
 
 def default_shapes(device: torch.device, quick: bool) -> list:

@@ -28,7 +28,7 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
-from ..core import COMPILE, EAGER, PYDL, REFERENCE, Provider, Suite, compile_provider
+from ..core import COMPILE, EAGER, PYDL, REFERENCE, Provider, Suite, compile_provider, shape_dims
 from ..report import cell_pct, cell_time, flag_note, pct_of_ceiling, speedup, verdict
 
 NAME = OP = "depthwise_conv2d"
@@ -42,13 +42,7 @@ def shape(n: int, c: int, h: int, k: int, s: int = 1, cl: int = 1) -> dict:
 
 def dims(sh) -> tuple:
     """(N, C, H, k, s, cl) of a shape dict, tuple or "N=..,C=..,H=..,k=..,s=..,cl=.." string."""
-    if isinstance(sh, str):
-        sh = dict(p.split("=") for p in sh.split(","))
-    if isinstance(sh, dict):
-        sh = tuple(sh.get(key, 1 if key in ("s", "cl") else None) for key in KEYS)
-    if len(sh) != 6 or None in sh:
-        raise ValueError(f"depthwise_conv2d shapes are N=..,C=..,H=..,k=..[,s=..][,cl=0|1], got {sh!r}")
-    return tuple(int(x) for x in sh)
+    return shape_dims(sh, KEYS, NAME, {"s": 1, "cl": 1})
 
 
 def default_shapes(device: torch.device, quick: bool) -> list:
