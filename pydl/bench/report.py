@@ -278,6 +278,17 @@ def verdict(ok: Optional[bool]) -> str:
     return "not measured" if ok is None else ("met" if ok else "**MISSED**")
 
 
+def target_row(cells: list, p: Optional[dict], base: Optional[dict], ok_fn, unit: str = "ms", note: str = "") -> str:
+    """One target-table line: | *cells | pydl | baseline | speed-up | pydl % of ceiling | verdict |.
+    ok_fn(speed-up, pydl row) -> bool decides the verdict when both rows were measured; ``note``
+    follows the verdict, then the cells' flags."""
+    speed = speedup(p, base)
+    ok = None if speed is None else ok_fn(speed, p)
+    cols = [*cells, cell_time(p, unit), cell_time(base, unit), f"{speed:.2f}×" if speed else "—", cell_pct(p),
+            verdict(ok) + note + flag_note([r for r in (p, base) if r])]
+    return "| " + " | ".join(cols) + " |"
+
+
 def flag_note(rows) -> str:
     """" (⚠noisy: do not trust)" when any of ``rows`` is flagged, else "" (target tables)."""
     flagged = ", ".join(sorted({f for r in rows for f in _flags(r)}))

@@ -74,6 +74,13 @@ def device_type(t: Tensor) -> str:
     return "cpu" if t.is_cpu else "cuda" if t.is_cuda else t.device.type
 
 
+def same_device(t: Tensor, like: Tensor) -> bool:
+    """t and like on one device, without building torch.device objects (~1 us each)."""
+    if t.is_cpu or like.is_cpu:
+        return t.is_cpu and like.is_cpu
+    return t.device == like.device
+
+
 def in_functorch_transform() -> bool:
     """Inside torch.func transforms (grad, vmap, jacrev, ...) outside Dynamo: such calls go through
     an op's setup_context-style Function, whose generated vmap rule uses the custom ops' rules."""

@@ -32,7 +32,7 @@ import torch
 from torch import Tensor
 
 from .. import _native, backends
-from ._common import TRACED, device_type, eager_mode, vmap_by_loop
+from ._common import TRACED, device_type, eager_mode, same_device, vmap_by_loop
 
 MAX_BEAMS = 64  # csrc/include/pydl/beam_search_step.h: kBeamSearchMaxBeams
 MAX_CANDIDATES = 256  # kBeamSearchMaxCandidates
@@ -93,12 +93,12 @@ def _check_args(logits, beam_scores, num_candidates, banned_tokens) -> None:
         raise TypeError(f"beam_search_step: num_candidates must be an int, got {num_candidates!r}")
     if not 1 <= num_candidates <= K * V:
         raise ValueError(f"beam_search_step: num_candidates must be in [1, K*V = {K * V}], got {num_candidates}")
-    if not (logits.device == beam_scores.device):
+    if not same_device(beam_scores, logits):
         raise ValueError(f"beam_search_step: logits is on {logits.device} but beam_scores is on {beam_scores.device}")
     if banned_tokens is not None:
         if not isinstance(banned_tokens, Tensor) or banned_tokens.dtype != torch.int64 or banned_tokens.dim() != 1:
             raise TypeError("beam_search_step: banned_tokens must be None or a 1-D int64 tensor of token ids")
-        if banned_tokens.device != logits.device:
+        if not same_device(banned_tokens, logits):
             raise ValueError(f"beam_search_step: banned_tokens is on {banned_tokens.device} but logits is on "
                              f"{logits.device}")
 

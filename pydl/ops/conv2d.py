@@ -37,7 +37,7 @@ from torch import Tensor
 
 from .. import backends
 from ._common import (EAGER, EAGER_GRAD, autocast_lower_precision, device_type, differentiable_grads, eager_mode,
-                      in_functorch_transform, vmap_by_loop)
+                      in_functorch_transform, same_device, vmap_by_loop)
 from ._conv_args import conv_geometry, conv_output_hw
 
 _TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -96,7 +96,7 @@ def _check_args(x, weight, bias, stride, padding, dilation, groups) -> tuple:
         raise ValueError(f"conv2d: weight must be (C_out, C_in / groups, KH, KW), got shape {tuple(weight.shape)}")
     if weight.dtype != x.dtype:
         raise TypeError(f"conv2d: x and weight must have one dtype, got {x.dtype} and {weight.dtype}")
-    if weight.device != x.device:
+    if not same_device(weight, x):
         raise ValueError(f"conv2d: x is on {x.device} but weight is on {weight.device}")
     if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1:
         raise ValueError(f"conv2d: groups must be a positive int, got {groups!r}")
@@ -114,7 +114,7 @@ def _check_args(x, weight, bias, stride, padding, dilation, groups) -> tuple:
             raise TypeError(f"conv2d: bias must have x's dtype ({x.dtype}), got {bias.dtype}")
         if bias.shape != (cout,):
             raise ValueError(f"conv2d: bias must have shape ({cout},) (weight's C_out), got {tuple(bias.shape)}")
-        if bias.device != x.device:
+        if not same_device(bias, x):
             raise ValueError(f"conv2d: x is on {x.device} but bias is on {bias.device}")
     kernel_hw = tuple(weight.shape[2:])
     geometry = conv_geometry("conv2d", kernel_hw, stride, padding, dilation)

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import _native, backends
-from ._common import EAGER, TRACED, check_qkv, device_type, eager_mode, vmap_by_loop
+from ._common import EAGER, TRACED, check_qkv, device_type, eager_mode, same_device, vmap_by_loop
 
 _NATIVE_CPU_DTYPES = (torch.float32, torch.bfloat16, torch.float64)
 _NATIVE_CUDA_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -90,7 +90,7 @@ def decode_attention_ref(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_seql
 def _check_args(q, k_cache, v_cache, cache_seqlens, scale) -> None:
     """ValueError / TypeError naming the argument."""
     check_qkv("decode_attention", (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)), 4, "have 4 dims")
-    if not (_same_device(k_cache, q) and _same_device(v_cache, q)):
+    if not (same_device(k_cache, q) and same_device(v_cache, q)):
         raise ValueError(f"decode_attention: q, k_cache and v_cache must be on one device, got {q.device}, "
                          f"{k_cache.device}, {v_cache.device}")
     B, H, n, E = q.shape
@@ -113,18 +113,11 @@ def _check_args(q, k_cache, v_cache, cache_seqlens, scale) -> None:
         raise TypeError(f"decode_attention: cache_seqlens must have dtype int32 or int64, got {cache_seqlens.dtype}")
     if tuple(cache_seqlens.shape) != (B,):
         raise ValueError(f"decode_attention: cache_seqlens must have shape ({B},), got {tuple(cache_seqlens.shape)}")
-    if not _same_device(cache_seqlens, q):
+    if not same_device(cache_seqlens, q):
         raise ValueError(f"decode_attention: cache_seqlens is on {cache_seqlens.device} but q is on {q.device}")
     if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))
                               or not math.isfinite(scale)):
         raise TypeError(f"decode_attention: scale must be None or a finite float, got {scale!r}")
-
-
-def _same_device(t: Tensor, like: Tensor) -> bool:
-    """t and like on one device, without building torch.device objects (~1 us each)."""
-    if t.is_cpu or like.is_cpu:
-        return t.is_cpu and like.is_cpu
-    return t.device == like.device
 
 
 def _check_lengths_host(cache_seqlens: Tensor, L: int) -> None:

@@ -31,7 +31,7 @@ from torch import Tensor
 
 from .. import _native, backends
 from ._common import (EAGER, EAGER_GRAD, autocast_lower_precision, device_type, differentiable_grads, eager_mode,
-                      in_functorch_transform, vmap_by_loop)
+                      in_functorch_transform, same_device, vmap_by_loop)
 from ._conv_args import Padding, conv_geometry, conv_output_hw, symmetric_padding
 
 MAX_KERNEL = 31  # csrc/include/pydl/depthwise_conv2d.h: kDepthwiseMaxKernel
@@ -112,7 +112,7 @@ def _check_args(x, weight, bias, stride, padding, dilation) -> tuple:
     if weight.dtype != x.dtype or (bias is not None and bias.dtype != x.dtype):
         raise TypeError(f"{_OP}: x, weight and bias must have one dtype, got {x.dtype}, {weight.dtype}"
                         f"{'' if bias is None else ', ' + str(bias.dtype)}")
-    if weight.device != x.device or (bias is not None and bias.device != x.device):
+    if not same_device(weight, x) or (bias is not None and not same_device(bias, x)):
         raise ValueError(f"{_OP}: x, weight and bias must be on one device, got {x.device}, {weight.device}"
                          f"{'' if bias is None else ', ' + str(bias.device)}")
     g = conv_geometry(_OP, weight.shape[2:], stride, padding, dilation)

@@ -27,7 +27,7 @@ from typing import Callable, Optional
 import torch
 
 from ..core import COMPILE, EAGER, PYDL, REFERENCE, Provider, Suite, compile_provider, shape_dims
-from ..report import cell_pct, cell_time, flag_note, pct_of_ceiling, speedup, verdict
+from ..report import pct_of_ceiling, target_row
 
 NAME = "beam_search"
 OP = "beam_search_step"
@@ -104,18 +104,14 @@ def report(rows: list) -> list:
 
     def row(target, key, ok_fn):
         per = by.get(key, {})
-        p, base = per.get("pydl"), per.get(EAGER)
-        speed = speedup(p, base)
-        lines.append(f"| {target} | {key[1]} {key[2]} | {cell_time(p, 'us')} | {cell_time(base, 'us')} | "
-                     f"{f'{speed:.2f}×' if speed else '—'} | {cell_pct(p)} | "
-                     f"{verdict(None if speed is None else ok_fn(speed, pct_of_ceiling(p)))}"
-                     f"{flag_note([r for r in (p, base) if r])} |")
+        lines.append(target_row([target, f"{key[1]} {key[2]}"], per.get("pydl"), per.get(EAGER), ok_fn, "us"))
 
     row("CPU ≥ 2× torch ops", ("cpu", ",".join(f"{k}={v}" for k, v in CPU_TARGET.items()), "float32"),
-        lambda sp, pct: sp >= 2)
+        lambda sp, p: sp >= 2)
     cuda = sorted(k for k in by if k[0] == "cuda")
     for key in cuda:
-        row("GPU ≥ 5× torch ops, ≥ 77% copy", key, lambda sp, pct: sp >= 5 and pct is not None and pct >= 77)
+        row("GPU ≥ 5× torch ops, ≥ 77% copy", key,
+            lambda sp, p: sp >= 5 and (pct_of_ceiling(p) or 0) >= 77)
     if not cuda:
         lines.append("| GPU ≥ 5×, ≥ 77% of copy | every CUDA cell | — | — | — | — | not measured (no CUDA cells) |")
     return lines + [""]

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from ..core import EAGER, PYDL, REFERENCE, Provider, Suite
-from ..report import cell_pct, cell_time, flag_note, pct_of_ceiling, speedup, verdict
+from ..report import pct_of_ceiling, target_row
 
 NAME = "decode_attention"
 OP = "decode_attention"
@@ -133,22 +133,15 @@ def report(rows: list) -> list:
              "|---|---|---|---|---|---|---|"]
     target_cell = ("cpu", ",".join(f"{k}={v}" for k, v in CPU_TARGET.items()), "float32")
     per = by.get(target_cell, {})
-    p, base = per.get("pydl"), per.get(EAGER)
-    speed = speedup(p, base)
-    lines.append(f"| CPU ≥ 1.5× SDPA | B=8 H=12 L=2048 E=64 float32 | {cell_time(p, 'us')} | {cell_time(base, 'us')} | "
-                 f"{f'{speed:.2f}×' if speed else '—'} | {cell_pct(p)} | "
-                 f"{verdict(None if speed is None else speed >= 1.5)}"
-                 f"{' (no such cell in this run)' if not per else ''}{flag_note([r for r in (p, base) if r])} |")
+    lines.append(target_row(["CPU ≥ 1.5× SDPA", "B=8 H=12 L=2048 E=64 float32"], per.get("pydl"), per.get(EAGER),
+                            lambda sp, p: sp >= 1.5, "us", "" if per else " (no such cell in this run)"))
     cuda = [(key, per) for key, per in by.items() if key[0] == "cuda"]
     for (_, shp, dtype), per in cuda:
-        p, base = per.get("pydl"), per.get(EAGER)
-        speed = speedup(p, base)
         b, h, hkv, length, e = dims(shp)
-        pct = pct_of_ceiling(p)
-        ok = None if speed is None else speed >= 1.5 and (length < 4096 or (pct is not None and pct >= 80))
-        lines.append(f"| GPU ≥ 1.5× SDPA{', ≥ 80% copy' if length >= 4096 else ''} | B={b} H={h} Hkv={hkv} "
-                     f"L={length} E={e} {dtype} | {cell_time(p, 'us')} | {cell_time(base, 'us')} | {f'{speed:.2f}×' if speed else '—'} | "
-                     f"{cell_pct(p)} | {verdict(ok)}{flag_note([r for r in (p, base) if r])} |")
+        long = length >= 4096  # the bandwidth target applies from 4k positions on
+        lines.append(target_row([f"GPU ≥ 1.5× SDPA{', ≥ 80% copy' if long else ''}",
+                                 f"B={b} H={h} Hkv={hkv} L={length} E={e} {dtype}"], per.get("pydl"), per.get(EAGER),
+                                lambda sp, p: sp >= 1.5 and (not long or (pct_of_ceiling(p) or 0) >= 80), "us"))
     if not cuda:
         lines.append("| GPU ≥ 80% of copy (L ≥ 4k) and ≥ 1.5× SDPA | every CUDA cell | — | — | — | — | "
                      "not measured (no CUDA cells in this run) |")

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from ..core import COMPILE, EAGER, PYDL, REFERENCE, Provider, Suite, compile_provider, shape_dims
-from ..report import cell_pct, cell_time, flag_note, pct_of_ceiling, speedup, verdict
+from ..report import pct_of_ceiling, target_row
 
 NAME = OP = "depthwise_conv2d"
 KEYS = ("N", "C", "H", "k", "s", "cl")
@@ -125,12 +125,7 @@ def report(rows: list) -> list:
 
     def row(target, key, ok_fn):
         per = by.get(key, {})
-        p, base = per.get("pydl"), per.get(EAGER)
-        speed = speedup(p, base)
-        lines.append(f"| {target} | {key[1]} {key[2]} | {key[3]} | {cell_time(p)} | {cell_time(base)} | "
-                     f"{f'{speed:.2f}×' if speed else '—'} | {cell_pct(p)} | "
-                     f"{verdict(None if speed is None else ok_fn(speed, p))}"
-                     f"{flag_note([r for r in (p, base) if r])} |")
+        lines.append(target_row([target, f"{key[1]} {key[2]}", key[3]], per.get("pydl"), per.get(EAGER), ok_fn))
 
     for cl in (0, 1):
         cell = ",".join(f"{k}={v}" for k, v in dict(CPU_TARGET, cl=cl).items())
