@@ -68,11 +68,18 @@ build/cuda-emulated-%: tests/cuda_emulation/test_%.cpp $$(wildcard csrc/cuda/$$*
 		-x c++ $(wildcard csrc/cuda/$*.cu csrc/cuda/$*_*.cu) \
 		-x none $< csrc/$*_args.cpp csrc/tensor_view.cpp -o $@ -lpthread
 
+# The programs are single-threaded: two run at a time (the CI machine's 2 cores), the longest
+# (layer_norm) first, each one's output printed whole when it ends; any failure fails the target.
+EMU_ORDER := $(filter layer_norm,$(EMU_OPS)) $(filter-out layer_norm,$(EMU_OPS))
 test-cuda-emulated: $(EMU_BINS)
-	@set -e; for op in $(EMU_OPS); do echo "== cuda-emulated $$op"; build/cuda-emulated-$$op quick; done
+	@printf '%s\n' $(EMU_ORDER) | xargs -P $(TEST_WORKERS) -I{} sh -c \
+		'out=$$(build/cuda-emulated-{} quick 2>&1); rc=$$?; printf "== cuda-emulated %s\n%s\n" {} "$$out"; exit $$rc'
+
 
 # The Triton floor (DESIGN 6): the Triton tests again under Triton 3.6.0 (what torch 2.11 ships)
-# with the in-place build (pydl._C is torch- and Triton-free: the same .so), then every Triton
+# with the in-place build (pydl._C is torch- and Triton-free: the same .so) -- each test function
+# with its first and last parameter sets (PYDL_TEST_SAMPLE=edges, tests/conftest.py; the full
+# parametrization runs under the newest Triton in test-fast) --, then every Triton
 # kernel compiled for sm_90 in its launch configurations under both Triton versions (attention's and
 # conv2d's many tile configurations: under the newest only, to keep CI short).
 VENV_TRITON_FLOOR ?= .venv-triton36
@@ -82,7 +89,7 @@ $(VENV_TRITON_FLOOR)/.deps: Makefile
 	touch $@
 
 test-triton-floor: build $(VENV_TRITON_FLOOR)/.deps
-	$(VENV_TRITON_FLOOR)/bin/python -m pytest -q -n $(TEST_WORKERS) tests/ops tests/nn -m triton
+	PYDL_TEST_SAMPLE=edges $(VENV_TRITON_FLOOR)/bin/python -m pytest -q -n $(TEST_WORKERS) tests/ops tests/nn -m triton
 	$(VENV_TRITON_FLOOR)/bin/python scripts/check_triton_compile.py
 	$(PY) scripts/check_triton_compile.py
 	$(PY) scripts/check_triton_compile_attention.py

@@ -5,6 +5,8 @@
     ln = pydl.nn.LayerNorm(768)                        # drop-in modules
     pydl.info()                                        # what was built, which backends run
     pydl.models.create("convnext_tiny")                # models, generation, train: imported on first use
+    report = pydl.patch(model, verify=x)               # pydl's ops swapped into an existing model
+    pydl.unpatch(model)
 """
 
 import importlib
@@ -12,6 +14,7 @@ import importlib
 from . import nn, ops
 from ._version import __version__
 from .backends import BackendError
+from .patch import PatchReport, patch, unpatch
 
 
 def info() -> dict:
@@ -31,4 +34,5 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'pydl' has no attribute {name!r}")
 
 
-__all__ = ["BackendError", "generation", "info", "models", "nn", "ops", "train", "__version__"]
+__all__ = ["BackendError", "PatchReport", "generation", "info", "models", "nn", "ops", "patch", "train", "unpatch",
+           "__version__"]

@@ -3,6 +3,9 @@
 Environment:
   PYDL_TEST_DEVICE   device for the device-generic tests: "cpu" (default) or "cuda".
   PYDL_TEST_SEED     optional salt for the per-test seeds (default: none; seeds are fixed).
+  PYDL_TEST_SAMPLE   "edges": of each parametrized test function keep only its first and last
+                     runnable parameter sets (CI's second pass of the Triton tests under the
+                     Triton floor version: every test function once more, in a fraction of the time).
   PYDL_ATTENTION_AUTOTUNE, PYDL_CONV2D_AUTOTUNE  set to "0" here (table tiles; see
                      pydl/triton/attention.py, pydl/triton/conv2d.py).
   TRITON_INTERPRET   set to "1" here when no CUDA GPU is usable (before anything imports
@@ -84,6 +87,19 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip_cuda)
         elif "triton" in item.keywords and skip_triton is not None:
             item.add_marker(skip_triton)
+
+
+@pytest.hookimpl(trylast=True, specname="pytest_collection_modifyitems")  # after -m/-k and the skips above
+def pytest_sample_edges(config, items):
+    if os.environ.get("PYDL_TEST_SAMPLE", "") != "edges":
+        return
+    groups: dict = {}
+    for item in items:
+        if not item.get_closest_marker("skip"):
+            groups.setdefault((item.path, item.originalname), []).append(item)
+    drop = {id(it) for group in groups.values() for it in group[1:-1]}
+    config.hook.pytest_deselected(items=[it for it in items if id(it) in drop])
+    items[:] = [it for it in items if id(it) not in drop]
 
 
 @pytest.fixture(autouse=True)

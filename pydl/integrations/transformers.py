@@ -10,8 +10,13 @@ naming the config field. GPT-2's ``Conv1D`` layers store their weight as (in, ou
 the ``nn.Linear`` (out, in) that pydl uses: they are transposed both ways. The converted model has
 the source's dtype, device and train/eval mode, and its own copy of the weights.
 
-Import-guarded: this module imports transformers on first use, and pydl never imports this module
-unless asked (``pydl.models.from_transformers`` / ``to_transformers`` do, lazily).
+Also here (from pydl/integrations/transformers_attention.py): ``attention_forward`` and
+``register_attention`` — importing this module registers ``attn_implementation="pydl"`` with
+transformers — and ``llama_rms_norm_forward`` / ``rms_norm_classes`` (LLaMA-family RMSNorm).
+
+Import-guarded: importing this module imports transformers (an ImportError naming the package when
+it is missing), and pydl never imports this module unless asked (``pydl.models.from_transformers`` /
+``to_transformers`` do, lazily).
 """
 
 from __future__ import annotations
@@ -22,13 +27,14 @@ from typing import Dict
 import torch
 from torch import Tensor, nn
 
+from .transformers_attention import (attention_forward, llama_rms_norm_forward, patch_rules, register_attention,
+                                    rms_norm_classes)
+
 
 def _tf():
-    try:
-        import transformers
-    except ImportError as e:  # pragma: no cover - transformers is optional
-        raise ImportError("pydl.integrations.transformers needs the transformers package "
-                          "(pip install transformers)") from e
+    """The transformers package (importing .transformers_attention imported it, or raised)."""
+    import transformers
+
     return transformers
 
 
@@ -203,4 +209,5 @@ def to_transformers(model: nn.Module):
                     f"{type(model).__name__}")
 
 
-__all__ = ["from_transformers", "to_transformers"]
+__all__ = ["attention_forward", "from_transformers", "llama_rms_norm_forward", "patch_rules", "register_attention",
+           "rms_norm_classes", "to_transformers"]

@@ -1,5 +1,29 @@
 """Pieces shared by the sequence models (transformer.py, gpt.py, bert.py): activations by their
-Hugging Face names, mask conversions, and self-attention over a ``pydl.generation.KVCache``."""
+Hugging Face names, mask conversions, the injected blocks (their check and the residual add + norm
+step), Hugging Face's weight initialisation, and self-attention over a ``pydl.generation.KVCache``.
+
+The blocks a sequence model takes as keyword-only constructor arguments (defaults: pydl's):
+
+- ``norm_layer(dim, eps=eps) -> nn.Module`` (default ``pydl.nn.LayerNorm``): every norm of the model,
+  called with the width and the model's own eps (its config field or constructor argument, so the
+  config stays the one source of eps; ``torch.nn.LayerNorm`` and ``torch.nn.RMSNorm`` fit, and
+  ``functools.partial`` fixes any other argument). The norm's parameters take its attribute name
+  (``ln_1.weight``, ``LayerNorm.bias``, ``norm1.weight``), so a norm with LayerNorm's parameters keeps
+  the state_dict keys. Each residual add + norm goes through :func:`add_norm`: fused only for pydl's
+  LayerNorm.
+- ``attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False)``
+  (default ``pydl.ops.attention``): ``F.scaled_dot_product_attention``'s signature and semantics, so
+  that function itself fits. The models call it with q, k, v (B, H, T, D) and keywords ``attn_mask``
+  (None or bool, True = attend, broadcast to (B, H, Tq, Tk)), ``dropout_p`` (0 in eval),
+  ``is_causal`` (top-left) and ``scale``.
+- ``decode_attention(q, k_cache, v_cache, cache_seqlens, scale=None)`` (models with a KV cache; default
+  ``pydl.ops.decode_attention``): one query per row, q (B, H, 1, D), over each row's first
+  ``cache_seqlens[b]`` cached positions of k_cache, v_cache (B, H, Lmax, D) -> (B, H, 1, D). The
+  positions past a row's length are uninitialised memory (possibly NaN): a function must not read
+  them, and masking is not enough (a masked NaN value still gives 0 * NaN = NaN).
+
+A callable is stored on the layers that call it (an ``nn.Module`` becomes a submodule of each).
+"""
 
 from __future__ import annotations
 
@@ -8,10 +32,10 @@ from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
-from ..ops.attention import attention
-from ..ops.decode_attention import decode_attention
+from ..nn.layer_norm import LayerNorm
+from ..ops.layer_norm import add_layer_norm
 
 # Hugging Face's activation names (transformers' ACT2FN) that the models implement.
 ACTIVATIONS: dict = {
@@ -31,6 +55,59 @@ def activation(name: str, what: str = "activation") -> Callable[[Tensor], Tensor
     if fn is None:
         raise ValueError(f"{what} must be one of {sorted(ACTIVATIONS)}, got {name!r}")
     return fn
+
+
+NormLayer = Callable[..., nn.Module]  # norm_layer(dim, eps=eps) -> a norm over the last dim
+AttentionFn = Callable[..., Tensor]  # F.scaled_dot_product_attention's (or decode_attention's) signature
+
+
+def check_sizes(owner: str, **sizes) -> None:
+    """ValueError naming the size (``n_embd=...``) that is not a positive int."""
+    for name, v in sizes.items():
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"{owner}: {name} must be a positive int, got {v!r}")
+
+
+def check_blocks(owner: str, **blocks) -> None:
+    """TypeError naming the argument when an injected block (``norm_layer=...``) is not callable."""
+    for name, block in blocks.items():
+        if not callable(block):
+            raise TypeError(f"{owner}: {name} must be callable, got {block!r} of type {type(block).__name__}")
+
+
+# pydl.nn.LayerNorm's activation (None; LayerNormGELU's approximate) -> add_layer_norm's
+_FUSED_ACTIVATION = {None: None, "none": "gelu", "tanh": "gelu_tanh"}
+
+
+def add_norm(x: Tensor, residual: Tensor, norm: nn.Module) -> tuple[Tensor, Tensor]:
+    """The residual step: h = x + residual -> (norm(h), h), both of x's shape (..., dim).
+
+    One fused ``pydl.ops.add_layer_norm`` pass (h is read once) when ``norm`` is a ``pydl.nn.LayerNorm``
+    or ``LayerNormGELU`` over the last dim with pydl's own forward, so that the fused kernel computes
+    what the module would; any other norm (``torch.nn.LayerNorm``, ``RMSNorm``, a user module, a pydl
+    subclass with its own forward such as ``LayerNorm2d``) runs unfused: ``h = x + residual; norm(h)``."""
+    cls = type(norm)
+    if (isinstance(norm, LayerNorm) and cls.forward is LayerNorm.forward and cls._normalize is LayerNorm._normalize
+            and len(norm.normalized_shape) == 1):
+        return add_layer_norm(x, residual, norm.weight, norm.bias, norm.eps, _FUSED_ACTIVATION[norm._activation])
+    h = x + residual
+    return norm(h), h
+
+
+def init_weights(module: nn.Module, std: float) -> None:
+    """Hugging Face's GPT-2 / BERT initialisation of every layer in ``module``: N(0, std) Linear and
+    Embedding weights (an embedding's padding row zeroed), zero biases, LayerNorm / RMSNorm reset
+    (unit weight, zero bias); other (injected) modules keep their own initialisation."""
+    for m in module.modules():
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(m.weight, 0.0, std)
+            if isinstance(m, nn.Embedding) and m.padding_idx is not None:
+                with torch.no_grad():
+                    m.weight[m.padding_idx].zero_()
+            if getattr(m, "bias", None) is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, (nn.LayerNorm, nn.RMSNorm)):
+            m.reset_parameters()
 
 
 def check_ids(name: str, ids: Tensor) -> None:
@@ -86,13 +163,14 @@ def merge_heads(x: Tensor) -> Tensor:
     return x.transpose(1, 2).flatten(2)
 
 
-def cached_self_attention(q: Tensor, k: Tensor, v: Tensor, cache, layer: int, scale: Optional[float] = None) -> Tensor:
+def cached_self_attention(q: Tensor, k: Tensor, v: Tensor, cache, layer: int, scale: Optional[float] = None, *,
+                          attention: AttentionFn, decode_attention: AttentionFn) -> Tensor:
     """Causal self-attention of T new tokens per row through ``cache`` (a pydl.generation.KVCache).
 
     q, k, v (N, H, T, D): the new tokens' projections; token t of row n sits at position
     ``cache.lengths[n] + t``. Appends k, v to layer ``layer`` (lengths are not advanced) and returns
-    (N, H, T, D) in q's dtype. T == 1: ``pydl.ops.decode_attention``; T > 1 (prefill): the attention op
-    over the filled prefix with a per-row causal mask."""
+    (N, H, T, D) in q's dtype. T == 1: ``decode_attention``; T > 1 (prefill): ``attention`` over the
+    filled prefix with a per-row causal mask (the model's injected blocks, see the module docstring)."""
     kb, vb = cache.append(layer, k, v)  # (N, H, Lmax, D)
     qc = q.to(kb.dtype)
     T = q.shape[2]

@@ -12,6 +12,11 @@ Post-LN layers: ``LayerNorm(x + Dropout(sublayer(x)))`` after the attention and 
 residual add fused with its LayerNorm in one ``pydl.ops.add_layer_norm``; the embedding sum
 (word + token type + position) is fused the same way. Attention is ``pydl.ops.attention`` with the
 padding mask as one bool (B, 1, 1, T) mask read through strides.
+
+Both are injected blocks, keyword-only arguments of ``Bert`` / ``BertForMaskedLM`` / ``bert`` /
+``bert_mlm`` (see ``pydl.models._seq``): ``norm_layer`` (default ``pydl.nn.LayerNorm``, called
+``norm_layer(hidden_size, eps=layer_norm_eps)`` for every LayerNorm, the MLM head's included; the adds
+fuse only into pydl's LayerNorm) and ``attention`` (``F.scaled_dot_product_attention``'s signature).
 """
 
 from __future__ import annotations
@@ -24,8 +29,8 @@ from torch import Tensor, nn
 
 from ..nn.layer_norm import LayerNorm
 from ..ops.attention import attention
-from ..ops.layer_norm import add_layer_norm
-from ._seq import activation, all_true, check_ids, keep_mask, merge_heads, split_heads
+from ._seq import (AttentionFn, NormLayer, activation, add_norm, all_true, check_blocks, check_ids, check_sizes,
+                   init_weights, keep_mask, merge_heads, split_heads)
 
 
 @dataclasses.dataclass
@@ -48,29 +53,24 @@ class BertConfig:
     add_pooling_layer: bool = True  # the pooler (dense + tanh on [CLS]); BERT-base's 109.48M count has it
 
     def __post_init__(self):
-        for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
-                     "max_position_embeddings", "type_vocab_size"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"bert: {name} must be a positive int, got {v!r}")
+        check_sizes("bert", **{n: getattr(self, n) for n in ("vocab_size", "hidden_size", "num_hidden_layers",
+                                                             "num_attention_heads", "intermediate_size",
+                                                             "max_position_embeddings", "type_vocab_size")})
         if self.hidden_size % self.num_attention_heads:
             raise ValueError(f"bert: hidden_size ({self.hidden_size}) must be divisible by num_attention_heads "
                              f"({self.num_attention_heads})")
         activation(self.hidden_act, "bert: hidden_act")
 
 
-def _fused_post_ln(x: Tensor, residual: Tensor, ln: nn.LayerNorm) -> Tensor:
-    """LayerNorm(x + residual) in one pass."""
-    return add_layer_norm(x, residual, ln.weight, ln.bias, ln.eps)[0]
-
-
 class BertEmbeddings(nn.Module):
-    def __init__(self, cfg: BertConfig):
+    """LayerNorm(word + token type + position embeddings) -> dropout: (B, T) ids -> (B, T, hidden_size)."""
+
+    def __init__(self, cfg: BertConfig, norm_layer: NormLayer):
         super().__init__()
         self.word_embeddings = nn.Embedding(cfg.vocab_size, cfg.hidden_size, padding_idx=cfg.pad_token_id)
         self.position_embeddings = nn.Embedding(cfg.max_position_embeddings, cfg.hidden_size)
         self.token_type_embeddings = nn.Embedding(cfg.type_vocab_size, cfg.hidden_size)
-        self.LayerNorm = LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.LayerNorm = norm_layer(cfg.hidden_size, eps=cfg.layer_norm_eps)
         self.dropout = nn.Dropout(cfg.hidden_dropout_prob)
 
     def forward(self, input_ids: Tensor, token_type_ids: Optional[Tensor], position_ids: Optional[Tensor]) -> Tensor:
@@ -83,12 +83,15 @@ class BertEmbeddings(nn.Module):
         else:
             x = x + self.token_type_embeddings(token_type_ids)
         pos = self.position_embeddings(position_ids).expand_as(x)  # (B, T, H), a stride-0 view for (1, T)
-        return self.dropout(_fused_post_ln(x, pos, self.LayerNorm))
+        return self.dropout(add_norm(x, pos, self.LayerNorm)[0])
 
 
 class BertSelfAttention(nn.Module):
-    def __init__(self, cfg: BertConfig):
+    """Multi-head self-attention without the output projection: query, key, value -> ``attention``."""
+
+    def __init__(self, cfg: BertConfig, attention: AttentionFn):
         super().__init__()
+        self.attention_fn = attention
         H = cfg.hidden_size
         self.num_attention_heads = cfg.num_attention_heads
         self.query = nn.Linear(H, H)
@@ -101,25 +104,27 @@ class BertSelfAttention(nn.Module):
         n = self.num_attention_heads
         q, k, v = (split_heads(f(x), n) for f in (self.query, self.key, self.value))  # (B, n, T, D)
         p = self.dropout_p if self.training else 0.0
-        return merge_heads(attention(q, k, v, attn_mask=mask, dropout_p=p))
+        return merge_heads(self.attention_fn(q, k, v, attn_mask=mask, dropout_p=p))
 
 
 class BertSelfOutput(nn.Module):
-    def __init__(self, cfg: BertConfig):
+    """Post-LN residual step: x (B, T, in_features) -> LayerNorm(dropout(dense(x)) + residual) (B, T, hidden)."""
+
+    def __init__(self, cfg: BertConfig, norm_layer: NormLayer, in_features: Optional[int] = None):
         super().__init__()
-        self.dense = nn.Linear(cfg.hidden_size, cfg.hidden_size)
-        self.LayerNorm = LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.dense = nn.Linear(in_features or cfg.hidden_size, cfg.hidden_size)
+        self.LayerNorm = norm_layer(cfg.hidden_size, eps=cfg.layer_norm_eps)
         self.dropout = nn.Dropout(cfg.hidden_dropout_prob)
 
     def forward(self, x: Tensor, residual: Tensor) -> Tensor:
-        return _fused_post_ln(self.dropout(self.dense(x)), residual, self.LayerNorm)
+        return add_norm(self.dropout(self.dense(x)), residual, self.LayerNorm)[0]
 
 
 class BertAttention(nn.Module):
-    def __init__(self, cfg: BertConfig):
+    def __init__(self, cfg: BertConfig, norm_layer: NormLayer, attention: AttentionFn):
         super().__init__()
-        self.self = BertSelfAttention(cfg)
-        self.output = BertSelfOutput(cfg)
+        self.self = BertSelfAttention(cfg, attention)
+        self.output = BertSelfOutput(cfg, norm_layer)
 
     def forward(self, x: Tensor, mask: Optional[Tensor]) -> Tensor:
         return self.output(self.self(x, mask), x)
@@ -136,19 +141,18 @@ class BertIntermediate(nn.Module):
 
 
 class BertOutput(BertSelfOutput):
-    def __init__(self, cfg: BertConfig):
-        nn.Module.__init__(self)
-        self.dense = nn.Linear(cfg.intermediate_size, cfg.hidden_size)
-        self.LayerNorm = LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
-        self.dropout = nn.Dropout(cfg.hidden_dropout_prob)
+    """The MLP's residual step (dense: intermediate_size -> hidden_size)."""
+
+    def __init__(self, cfg: BertConfig, norm_layer: NormLayer):
+        super().__init__(cfg, norm_layer, cfg.intermediate_size)
 
 
 class BertLayer(nn.Module):
-    def __init__(self, cfg: BertConfig):
+    def __init__(self, cfg: BertConfig, norm_layer: NormLayer, attention: AttentionFn):
         super().__init__()
-        self.attention = BertAttention(cfg)
+        self.attention = BertAttention(cfg, norm_layer, attention)
         self.intermediate = BertIntermediate(cfg)
-        self.output = BertOutput(cfg)
+        self.output = BertOutput(cfg, norm_layer)
 
     def forward(self, x: Tensor, mask: Optional[Tensor]) -> Tensor:
         a = self.attention(x, mask)
@@ -156,9 +160,9 @@ class BertLayer(nn.Module):
 
 
 class BertEncoder(nn.Module):
-    def __init__(self, cfg: BertConfig):
+    def __init__(self, cfg: BertConfig, norm_layer: NormLayer, attention: AttentionFn):
         super().__init__()
-        self.layer = nn.ModuleList([BertLayer(cfg) for _ in range(cfg.num_hidden_layers)])
+        self.layer = nn.ModuleList([BertLayer(cfg, norm_layer, attention) for _ in range(cfg.num_hidden_layers)])
 
     def forward(self, x: Tensor, mask: Optional[Tensor]) -> Tensor:
         for layer in self.layer:
@@ -174,21 +178,6 @@ class BertPooler(nn.Module):
 
     def forward(self, hidden: Tensor) -> Tensor:
         return self.activation(self.dense(hidden[:, 0]))
-
-
-def _init_bert(module: nn.Module, std: float) -> None:
-    """BERT's initialisation: N(0, initializer_range) weights, zero biases (and padding row), unit LNs."""
-    for m in module.modules():
-        if isinstance(m, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(m.weight, 0.0, std)
-            if isinstance(m, nn.Embedding) and m.padding_idx is not None:
-                with torch.no_grad():
-                    m.weight[m.padding_idx].zero_()
-            if getattr(m, "bias", None) is not None:
-                nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.LayerNorm):
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
 
 
 def _example_inputs(cfg: BertConfig, device, batch_size: int, seq_len: int,
@@ -210,15 +199,22 @@ def _config(config: Optional[BertConfig], kwargs: dict) -> BertConfig:
 
 
 class Bert(nn.Module):
-    """BERT encoder: ``forward(input_ids, attention_mask=None, token_type_ids=None) -> (B, T, hidden)``."""
+    """BERT encoder: ``forward(input_ids, attention_mask=None, token_type_ids=None) -> (B, T, hidden)``.
 
-    def __init__(self, config: Optional[BertConfig] = None, **kwargs):
+    ``config`` and/or ``BertConfig``'s fields as keywords; keyword-only blocks (``pydl.models._seq``):
+    ``norm_layer(hidden_size, eps=layer_norm_eps)`` (default ``pydl.nn.LayerNorm``) and ``attention``
+    (default ``pydl.ops.attention``).
+    """
+
+    def __init__(self, config: Optional[BertConfig] = None, *, norm_layer: NormLayer = LayerNorm,
+                 attention: AttentionFn = attention, **kwargs):
         super().__init__()
+        check_blocks("bert", norm_layer=norm_layer, attention=attention)
         cfg = self.config = _config(config, kwargs)
-        self.embeddings = BertEmbeddings(cfg)
-        self.encoder = BertEncoder(cfg)
+        self.embeddings = BertEmbeddings(cfg, norm_layer)
+        self.encoder = BertEncoder(cfg, norm_layer, attention)
         self.pooler = BertPooler(cfg) if cfg.add_pooling_layer else None
-        _init_bert(self, cfg.initializer_range)
+        init_weights(self, cfg.initializer_range)
 
     def forward(self, input_ids: Tensor, attention_mask: Optional[Tensor] = None,
                 token_type_ids: Optional[Tensor] = None, position_ids: Optional[Tensor] = None) -> Tensor:
@@ -249,20 +245,20 @@ class Bert(nn.Module):
 
 
 class BertPredictionHeadTransform(nn.Module):
-    def __init__(self, cfg: BertConfig):
+    def __init__(self, cfg: BertConfig, norm_layer: NormLayer):
         super().__init__()
         self.dense = nn.Linear(cfg.hidden_size, cfg.hidden_size)
         self.transform_act_fn = activation(cfg.hidden_act)
-        self.LayerNorm = LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.LayerNorm = norm_layer(cfg.hidden_size, eps=cfg.layer_norm_eps)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.LayerNorm(self.transform_act_fn(self.dense(x)))
 
 
 class BertLMPredictionHead(nn.Module):
-    def __init__(self, cfg: BertConfig):
+    def __init__(self, cfg: BertConfig, norm_layer: NormLayer):
         super().__init__()
-        self.transform = BertPredictionHeadTransform(cfg)
+        self.transform = BertPredictionHeadTransform(cfg, norm_layer)
         self.decoder = nn.Linear(cfg.hidden_size, cfg.vocab_size)
         self.bias = nn.Parameter(torch.zeros(cfg.vocab_size))
         self.decoder.bias = self.bias  # one output bias, under both names (as transformers)
@@ -272,9 +268,9 @@ class BertLMPredictionHead(nn.Module):
 
 
 class BertOnlyMLMHead(nn.Module):
-    def __init__(self, cfg: BertConfig):
+    def __init__(self, cfg: BertConfig, norm_layer: NormLayer):
         super().__init__()
-        self.predictions = BertLMPredictionHead(cfg)
+        self.predictions = BertLMPredictionHead(cfg, norm_layer)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.predictions(x)
@@ -282,16 +278,18 @@ class BertOnlyMLMHead(nn.Module):
 
 class BertForMaskedLM(nn.Module):
     """BERT + the masked-LM head (dense -> act -> LayerNorm -> decoder tied to the word embedding)
-    -> logits (B, T, vocab_size). The encoder has no pooler, as in transformers."""
+    -> logits (B, T, vocab_size). The encoder has no pooler, as in transformers. Keywords as ``Bert``'s;
+    ``norm_layer`` also builds the head's LayerNorm."""
 
-    def __init__(self, config: Optional[BertConfig] = None, **kwargs):
+    def __init__(self, config: Optional[BertConfig] = None, *, norm_layer: NormLayer = LayerNorm,
+                 attention: AttentionFn = attention, **kwargs):
         super().__init__()
         kwargs.setdefault("add_pooling_layer", False)
         cfg = _config(config, kwargs)
-        self.bert = Bert(cfg)
+        self.bert = Bert(cfg, norm_layer=norm_layer, attention=attention)
         self.config = self.bert.config
-        self.cls = BertOnlyMLMHead(cfg)
-        _init_bert(self.cls, cfg.initializer_range)
+        self.cls = BertOnlyMLMHead(cfg, norm_layer)
+        init_weights(self.cls, cfg.initializer_range)
         self.cls.predictions.decoder.weight = self.bert.embeddings.word_embeddings.weight
 
     def forward(self, input_ids: Tensor, attention_mask: Optional[Tensor] = None,
@@ -305,12 +303,12 @@ class BertForMaskedLM(nn.Module):
 
 def bert(config: Optional[BertConfig] = None, **kwargs) -> Bert:
     """BERT-base encoder (109.48M parameters with the pooler); ``BertConfig``'s fields (named as in
-    transformers' ``BertConfig``) override the defaults."""
+    transformers' ``BertConfig``) override the defaults; ``norm_layer`` and ``attention`` go to ``Bert``."""
     return Bert(config, **kwargs)
 
 
 def bert_mlm(config: Optional[BertConfig] = None, **kwargs) -> BertForMaskedLM:
-    """BERT-base with the masked-LM head (tied decoder) -> logits (B, T, vocab_size)."""
+    """BERT-base with the masked-LM head (tied decoder) -> logits (B, T, vocab_size); keywords as ``bert``'s."""
     return BertForMaskedLM(config, **kwargs)
 
 

@@ -17,6 +17,12 @@ one bool mask for padding); token-by-token decoding runs ``pydl.ops.decode_atten
 pre-allocated ``pydl.generation.KVCache`` (the ``GenerationModel`` protocol: ``init_cache`` +
 ``forward_step``), so ``pydl.generation.beam_search(model, ...)`` drives it.
 
+All three are injected blocks, keyword-only arguments of ``GPT`` / ``gpt2`` (see ``pydl.models._seq``):
+``norm_layer`` (default ``pydl.nn.LayerNorm``, called ``norm_layer(n_embd, eps=layer_norm_epsilon)``;
+the adds fuse only into pydl's LayerNorm), ``attention`` (``F.scaled_dot_product_attention``'s
+signature) and ``decode_attention``, e.g. ``gpt2(norm_layer=torch.nn.LayerNorm,
+attention=F.scaled_dot_product_attention)`` is the same model on torch's kernels.
+
 Padding: with an ``attention_mask`` the positions are those transformers' ``generate`` computes for
 left-padded prompts, ``cumsum(mask) - 1`` (0 at padding); padding tokens are never attended to.
 Logits at padding positions are meaningless (but finite).
@@ -37,9 +43,10 @@ from torch import Tensor, nn
 
 from ..nn.layer_norm import LayerNorm
 from ..ops.attention import attention
-from ..ops.layer_norm import add_layer_norm
-from ._seq import (activation, all_true, cache_positions, cached_self_attention, causal_keep_mask, check_ids,
-                   keep_mask, merge_heads, split_heads)
+from ..ops.decode_attention import decode_attention
+from ._seq import (AttentionFn, NormLayer, activation, add_norm, all_true, cache_positions, cached_self_attention,
+                   causal_keep_mask, check_blocks, check_ids, check_sizes, init_weights, keep_mask, merge_heads,
+                   split_heads)
 
 
 @dataclasses.dataclass
@@ -66,10 +73,8 @@ class GPTConfig:
     pad_token_id: Optional[int] = None
 
     def __post_init__(self):
-        for name in ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"gpt2: {name} must be a positive int, got {v!r}")
+        check_sizes("gpt2", **{n: getattr(self, n) for n in ("vocab_size", "n_positions", "n_embd", "n_layer",
+                                                             "n_head")})
         if self.n_embd % self.n_head:
             raise ValueError(f"gpt2: n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
         activation(self.activation_function, "gpt2: activation_function")
@@ -80,10 +85,12 @@ class GPTConfig:
 
 
 class GPTAttention(nn.Module):
-    """Causal multi-head self-attention: one (E -> 3E) projection, pydl's attention, (E -> E) out."""
+    """Causal multi-head self-attention: one (E -> 3E) projection, ``attention`` (through a KV cache:
+    ``decode_attention``), (E -> E) out."""
 
-    def __init__(self, cfg: GPTConfig, layer_idx: int):
+    def __init__(self, cfg: GPTConfig, layer_idx: int, attention: AttentionFn, decode_attention: AttentionFn):
         super().__init__()
+        self.attention_fn, self.decode_attention_fn = attention, decode_attention
         E = cfg.n_embd
         self.n_head = cfg.n_head
         self.c_attn = nn.Linear(E, 3 * E)
@@ -104,12 +111,13 @@ class GPTAttention(nn.Module):
         """x (B, T, E); mask: None (plain causal) or bool (B, 1, T, T), True = attend -> (B, T, E)."""
         q, k, v = self._qkv(x)  # (B, H, T, D)
         p = self.attn_pdrop if self.training else 0.0
-        o = attention(q, k, v, attn_mask=mask, dropout_p=p, is_causal=mask is None, scale=self.scale)
+        o = self.attention_fn(q, k, v, attn_mask=mask, dropout_p=p, is_causal=mask is None, scale=self.scale)
         return self.resid_dropout(self.c_proj(merge_heads(o)))
 
     def forward_cached(self, x: Tensor, cache) -> Tensor:
         q, k, v = self._qkv(x)
-        o = cached_self_attention(q, k, v, cache, self.layer_idx, self.scale)
+        o = cached_self_attention(q, k, v, cache, self.layer_idx, self.scale, attention=self.attention_fn,
+                                  decode_attention=self.decode_attention_fn)
         return self.c_proj(merge_heads(o))
 
 
@@ -127,29 +135,37 @@ class GPTMLP(nn.Module):
 
 class GPTBlock(nn.Module):
     """One pre-LN block. Its input is the residual stream ``h`` **and** ``y = ln_1(h)`` (computed by the
-    previous fused add + LN); it returns the stream after the block and ``next_ln`` of it."""
+    previous add + LN); it returns the stream after the block and ``next_ln`` of it."""
 
-    def __init__(self, cfg: GPTConfig, layer_idx: int):
+    def __init__(self, cfg: GPTConfig, layer_idx: int, *, norm_layer: NormLayer, attention: AttentionFn,
+                 decode_attention: AttentionFn):
         super().__init__()
-        self.ln_1 = LayerNorm(cfg.n_embd, eps=cfg.layer_norm_epsilon)
-        self.attn = GPTAttention(cfg, layer_idx)
-        self.ln_2 = LayerNorm(cfg.n_embd, eps=cfg.layer_norm_epsilon)
+        self.ln_1 = norm_layer(cfg.n_embd, eps=cfg.layer_norm_epsilon)
+        self.attn = GPTAttention(cfg, layer_idx, attention, decode_attention)
+        self.ln_2 = norm_layer(cfg.n_embd, eps=cfg.layer_norm_epsilon)
         self.mlp = GPTMLP(cfg)
 
-    def forward(self, y: Tensor, h: Tensor, next_ln: nn.LayerNorm, mask: Optional[Tensor] = None, cache=None):
+    def forward(self, y: Tensor, h: Tensor, next_ln: nn.Module, mask: Optional[Tensor] = None, cache=None):
+        """y = ln_1(h), h (B, T, E) -> (next_ln(h'), h') with h' the stream after the block."""
         a = self.attn(y, mask) if cache is None else self.attn.forward_cached(y, cache)
-        y, h = add_layer_norm(a, h, self.ln_2.weight, self.ln_2.bias, self.ln_2.eps)  # h += attn; y = ln_2(h)
-        y, h = add_layer_norm(self.mlp(y), h, next_ln.weight, next_ln.bias, next_ln.eps)
-        return y, h
+        y, h = add_norm(a, h, self.ln_2)  # h += attn; y = ln_2(h)
+        return add_norm(self.mlp(y), h, next_ln)
 
 
 class GPT(nn.Module):
-    """GPT-2 language model: ``forward(input_ids, attention_mask=None) -> logits (B, T, vocab_size)``."""
+    """GPT-2 language model: ``forward(input_ids, attention_mask=None) -> logits (B, T, vocab_size)``.
+
+    ``config`` and/or ``GPTConfig``'s fields as keywords; keyword-only blocks (``pydl.models._seq``):
+    ``norm_layer(n_embd, eps=layer_norm_epsilon)`` (default ``pydl.nn.LayerNorm``), ``attention``
+    (default ``pydl.ops.attention``) and ``decode_attention`` (default ``pydl.ops.decode_attention``).
+    """
 
     is_encoder_decoder = False
 
-    def __init__(self, config: Optional[GPTConfig] = None, **kwargs):
+    def __init__(self, config: Optional[GPTConfig] = None, *, norm_layer: NormLayer = LayerNorm,
+                 attention: AttentionFn = attention, decode_attention: AttentionFn = decode_attention, **kwargs):
         super().__init__()
+        check_blocks("gpt2", norm_layer=norm_layer, attention=attention, decode_attention=decode_attention)
         cfg = config if config is not None else GPTConfig(**kwargs)
         if config is not None and kwargs:
             cfg = dataclasses.replace(config, **kwargs)
@@ -157,8 +173,9 @@ class GPT(nn.Module):
         self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
         self.wpe = nn.Embedding(cfg.n_positions, cfg.n_embd)
         self.drop = nn.Dropout(cfg.embd_pdrop)
-        self.h = nn.ModuleList([GPTBlock(cfg, i) for i in range(cfg.n_layer)])
-        self.ln_f = LayerNorm(cfg.n_embd, eps=cfg.layer_norm_epsilon)
+        blocks = dict(norm_layer=norm_layer, attention=attention, decode_attention=decode_attention)
+        self.h = nn.ModuleList([GPTBlock(cfg, i, **blocks) for i in range(cfg.n_layer)])
+        self.ln_f = norm_layer(cfg.n_embd, eps=cfg.layer_norm_epsilon)
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
         self.reset_parameters()
         if cfg.tie_word_embeddings:
@@ -179,17 +196,10 @@ class GPT(nn.Module):
         return ids.to(dev), mask.to(dev)
 
     def reset_parameters(self) -> None:
-        """GPT-2's initialisation: N(0, 0.02) weights, zero biases, unit LayerNorms, and the residual
-        projections (attn.c_proj, mlp.c_proj) scaled by 1/sqrt(2 * n_layer)."""
+        """GPT-2's initialisation: N(0, 0.02) weights, zero biases, unit norms (``_seq.init_weights``), and
+        the residual projections (attn.c_proj, mlp.c_proj) scaled by 1/sqrt(2 * n_layer)."""
         std = self.config.initializer_range
-        for m in self.modules():
-            if isinstance(m, (nn.Linear, nn.Embedding)):
-                nn.init.normal_(m.weight, 0.0, std)
-                if getattr(m, "bias", None) is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.LayerNorm):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        init_weights(self, std)
         for name, p in self.named_parameters():
             if name.endswith("c_proj.weight"):
                 nn.init.normal_(p, 0.0, std / math.sqrt(2 * self.config.n_layer))
@@ -263,7 +273,8 @@ class GPT(nn.Module):
 def gpt2(config: Optional[GPTConfig] = None, **kwargs) -> GPT:
     """GPT-2 (124M parameters by default); keywords (``GPTConfig``'s fields, named as in
     transformers' ``GPT2Config``: vocab_size, n_positions, n_embd, n_layer, n_head, n_inner,
-    activation_function, layer_norm_epsilon, *_pdrop, ...) override the defaults."""
+    activation_function, layer_norm_epsilon, *_pdrop, ...) override the defaults; the blocks
+    ``norm_layer``, ``attention``, ``decode_attention`` are passed to ``GPT``."""
     return GPT(config, **kwargs)
 
 
