@@ -89,7 +89,7 @@ class Suite:
         call must move / do; None with metric LATENCY (value = µs per call).
     out_names / grad_names: names of the outputs / of the gradients of the differentiated inputs
         (``diff_inputs``: indices; default every floating tensor), for the gate's notes.
-    reduction_grads: gradient names that are sums over rows (elementwise atol scaled).
+    reduction_grads: gradient names that are sums over rows (elementwise atol scaled; per op).
     tolerances(dtype) -> (rel floor, atol, rtol). reference(op) -> fn: default the REFERENCE
         provider's factory. probe_shape: the tiny shape pydl providers are probed on.
     dtypes(device) -> the default dtypes. timing: TimingPolicy overrides for this suite.
@@ -471,7 +471,7 @@ def _measure_point(suite, cfg, policy, pt: Point, providers, avail, rec, done_mo
     diff = gate.diff_indices(inputs, per_op(suite.diff_inputs, op))
     ref = Reference(reference_fn(suite, op), inputs, grads, pt.dtype, want_grad,
                     out_names=per_op(suite.out_names, op), grad_names=per_op(suite.grad_names, op),
-                    reduction=suite.reduction_grads, diff=diff, tolerances=suite.tolerances)
+                    reduction=per_op(suite.reduction_grads, op), diff=diff, tolerances=suite.tolerances)
 
     # Correctness gate, provider by provider (this call also compiles / autotunes).
     fns, gates = {}, {}
