@@ -202,22 +202,3 @@ def test_patch_on_the_device_under_test(device):
     torch.testing.assert_close(got.float(), want.float(), atol=tol, rtol=tol)
     pydl.unpatch(model)
 
-
-def test_ddp_wrapping_after_the_patch(tmp_path):
-    """DDP wraps the patched model as any other (one gloo process): same forward, gradients reach
-    the shared parameters."""
-    import torch.distributed as dist
-    from torch.nn.parallel import DistributedDataParallel as DDP
-
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
-    try:
-        model = _toy()
-        want = model(_x())
-        pydl.patch(model)
-        ddp = DDP(model)
-        got = ddp(_x())
-        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
-        got.sum().backward()
-        assert model.dw.weight.grad is not None and torch.isfinite(model.dw.weight.grad).all()
-    finally:
-        dist.destroy_process_group()
