@@ -71,7 +71,8 @@ build/cuda-emulated-%: tests/cuda_emulation/test_%.cpp $$(wildcard csrc/cuda/$$*
 # The programs are single-threaded: two run at a time (the CI machine's 2 cores), the longest
 # (layer_norm) first, each one's output printed whole when it ends; any failure fails the target.
 EMU_ORDER := $(filter layer_norm,$(EMU_OPS)) $(filter-out layer_norm,$(EMU_OPS))
-test-cuda-emulated: $(EMU_BINS)
+test-cuda-emulated:
+	@$(MAKE) --no-print-directory -j$(TEST_WORKERS) $(EMU_BINS)
 	@printf '%s\n' $(EMU_ORDER) | xargs -P $(TEST_WORKERS) -I{} sh -c \
 		'out=$$(build/cuda-emulated-{} quick 2>&1); rc=$$?; printf "== cuda-emulated %s\n%s\n" {} "$$out"; exit $$rc'
 
@@ -98,7 +99,7 @@ test-triton-floor: build $(VENV_TRITON_FLOOR)/.deps
 # Every CUDA kernel compiled standalone for the CI archs (registers / spills per kernel) and its
 # PTX checked: no kernel reads memory it writes through ld.global.nc (scripts/check_ptx_loads.py).
 test-cuda-compile:
-	ARCHS="$(subst ;, ,$(PYDL_CUDA_ARCHS))" PYTHON=$(PYTHON) scripts/check_cuda_compile.sh
+	ARCHS="$(subst ;, ,$(PYDL_CUDA_ARCHS))" PYTHON=$(PYTHON) JOBS=$(TEST_WORKERS) scripts/check_cuda_compile.sh
 
 # Install matrix (pip install . / -e . / '.[bench]' / pip wheel / sdist -> wheel, each repeated in one
 # checkout) in a throwaway venv and a copy of the tree under build/install-check/.

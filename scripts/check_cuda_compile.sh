@@ -8,7 +8,8 @@
 # Objects go to a temporary directory that is removed afterwards.
 #
 # usage: scripts/check_cuda_compile.sh [file.cu ...]     (default: every csrc/cuda/*.cu)
-# env:   NVCC (default nvcc), ARCHS (default "90a 80"), NVCC_FLAGS (extra flags), PYTHON
+# env:   NVCC (default nvcc), ARCHS (default "90a 80"), NVCC_FLAGS (extra flags), PYTHON,
+#        JOBS (compiles run at a time, default 2; the report is printed in file order afterwards)
 # Exit status: non-zero when a compile or the load check fails, or when STRICT=1 and a kernel
 # spills or uses stack.
 set -euo pipefail
@@ -29,24 +30,40 @@ trap 'rm -rf "$tmp"' EXIT
 
 demangle() { if command -v c++filt >/dev/null 2>&1; then c++filt; else cat; fi; }
 
+# Phase 1: every (file, arch) compiled, JOBS at a time (nvcc is single-threaded): its log, the PTX
+# it kept (-keep, for the load check), its exit status and seconds in $tmp.
+compile_one() {  # FILE ARCH
+  local f=$1 arch=$2 stem start rc
+  stem=$(basename "$f" .cu)
+  start=$(date +%s)
+  mkdir -p "$tmp/keep.$stem.sm_$arch"
+  rc=0
+  "$NVCC" -std=c++17 -O3 --expt-relaxed-constexpr -Icsrc/include \
+    -gencode="arch=compute_$arch,code=sm_$arch" -Xptxas -v ${NVCC_FLAGS:-} \
+    -keep -keep-dir "$tmp/keep.$stem.sm_$arch" -c "$f" -o "$tmp/$stem.sm_$arch.o" \
+    >"$tmp/$stem.sm_$arch.log" 2>&1 || rc=$?
+  echo "$rc $(( $(date +%s) - start ))" >"$tmp/$stem.sm_$arch.rc"
+}
+export -f compile_one
+export NVCC NVCC_FLAGS tmp
+for f in "${files[@]}"; do for arch in $ARCHS; do printf '%s %s\n' "$f" "$arch"; done; done |
+  xargs -P "${JOBS:-2}" -n 2 bash -c 'compile_one "$1" "$2"' _
+
+# Phase 2: the report, file by file in order.
 status=0
 bad=0
 for f in "${files[@]}"; do
   for arch in $ARCHS; do
     stem=$(basename "$f" .cu)
     log="$tmp/$stem.sm_$arch.log"
-    start=$(date +%s)
-    keep="$tmp/keep.$stem.sm_$arch"  # nvcc -keep: the PTX ptxas compiled, for the load check
-    mkdir -p "$keep"
-    if ! "$NVCC" -std=c++17 -O3 --expt-relaxed-constexpr -Icsrc/include \
-        -gencode="arch=compute_$arch,code=sm_$arch" -Xptxas -v ${NVCC_FLAGS:-} \
-        -keep -keep-dir "$keep" -c "$f" -o "$tmp/$stem.sm_$arch.o" >"$log" 2>&1; then
+    keep="$tmp/keep.$stem.sm_$arch"
+    read -r rc secs <"$tmp/$stem.sm_$arch.rc"
+    if [ "$rc" != "0" ]; then
       echo "== $f sm_$arch: COMPILE FAILED"
       grep -v 'ptxas info' "$log" || true
       status=1
       continue
     fi
-    secs=$(( $(date +%s) - start ))
     echo "== $f sm_$arch: compiled in ${secs}s"
     # Warnings other than ptxas's info lines.
     grep -v -e 'ptxas info' -e 'bytes stack frame' "$log" | sed 's/^/   /' || true
