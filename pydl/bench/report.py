@@ -278,6 +278,16 @@ def verdict(ok: Optional[bool]) -> str:
     return "not measured" if ok is None else ("met" if ok else "**MISSED**")
 
 
+def cells_by(rows: list, suite: str, keys: tuple, mode: Optional[str] = None) -> dict:
+    """``suite``'s rows (of ``mode`` when given) grouped by the row fields ``keys``:
+    {(row[k] for k in keys): {provider: row}} (the lookup the suites' target tables make)."""
+    by: dict = {}
+    for r in rows:
+        if r.get("suite") == suite and (mode is None or r.get("mode") == mode):
+            by.setdefault(tuple(r[k] for k in keys), {})[r["provider"]] = r
+    return by
+
+
 def target_row(cells: list, p: Optional[dict], base: Optional[dict], ok_fn, unit: str = "ms", note: str = "") -> str:
     """One target-table line: | *cells | pydl | baseline | speed-up | pydl % of ceiling | verdict |.
     ok_fn(speed-up, pydl row) -> bool decides the verdict when both rows were measured; ``note``

@@ -305,7 +305,6 @@ TARGETS = (
 )
 
 
-
 def _tflops(r, ceiling=None) -> str:
     if not measured(r):
         return ""

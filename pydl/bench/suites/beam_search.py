@@ -26,8 +26,8 @@ from typing import Callable, Optional
 
 import torch
 
-from ..core import COMPILE, EAGER, PYDL, REFERENCE, Provider, Suite, compile_provider, shape_dims
-from ..report import pct_of_ceiling, target_row
+from ..core import COMPILE, EAGER, PYDL, REFERENCE, Provider, Suite, compile_provider, shape_dims, shape_str
+from ..report import cells_by, pct_of_ceiling, target_row
 
 NAME = "beam_search"
 OP = "beam_search_step"
@@ -89,15 +89,9 @@ def pydl_fn(op: str, backend: Optional[str] = None) -> Callable:
 
 # --------------------------------------------------------------------------------- targets
 
-
-
-
 def report(rows: list) -> list:
     """Markdown: the CPU target cell, then the GPU targets on every CUDA cell."""
-    by = {}
-    for r in rows:
-        if r.get("suite") == NAME and r.get("mode") == "fwd":
-            by.setdefault((r["device"], r["shape"], r["dtype"]), {})[r["provider"]] = r
+    by = cells_by(rows, NAME, ("device", "shape", "dtype"), mode="fwd")
     lines = ["## Beam search step targets", "",
              "| target | cell | pydl | torch ops | speed-up | pydl % of copy | verdict |",
              "|---|---|---|---|---|---|---|"]
@@ -106,7 +100,7 @@ def report(rows: list) -> list:
         per = by.get(key, {})
         lines.append(target_row([target, f"{key[1]} {key[2]}"], per.get("pydl"), per.get(EAGER), ok_fn, "us"))
 
-    row("CPU ≥ 2× torch ops", ("cpu", ",".join(f"{k}={v}" for k, v in CPU_TARGET.items()), "float32"),
+    row("CPU ≥ 2× torch ops", ("cpu", shape_str(CPU_TARGET), "float32"),
         lambda sp, p: sp >= 2)
     cuda = sorted(k for k in by if k[0] == "cuda")
     for key in cuda:

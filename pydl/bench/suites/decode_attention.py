@@ -29,8 +29,8 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
-from ..core import EAGER, PYDL, REFERENCE, Provider, Suite
-from ..report import pct_of_ceiling, target_row
+from ..core import EAGER, PYDL, REFERENCE, Provider, Suite, shape_str
+from ..report import cells_by, pct_of_ceiling, target_row
 
 NAME = "decode_attention"
 OP = "decode_attention"
@@ -118,20 +118,13 @@ def pydl_fn(op: str, backend: Optional[str] = None) -> Callable:
 
 # --------------------------------------------------------------------------------- targets
 
-
-
-
-
 def report(rows: list) -> list:
     """Markdown: the CPU target cell, then the GPU targets on every CUDA cell."""
-    by = {}
-    for r in rows:
-        if r.get("suite") == NAME and r.get("mode") == "fwd":
-            by.setdefault((r["device"], r["shape"], r["dtype"]), {})[r["provider"]] = r
+    by = cells_by(rows, NAME, ("device", "shape", "dtype"), mode="fwd")
     lines = ["## Decode attention targets", "",
              "| target | cell | pydl | SDPA (torch-eager) | speed-up | pydl % of copy | verdict |",
              "|---|---|---|---|---|---|---|"]
-    target_cell = ("cpu", ",".join(f"{k}={v}" for k, v in CPU_TARGET.items()), "float32")
+    target_cell = ("cpu", shape_str(CPU_TARGET), "float32")
     per = by.get(target_cell, {})
     lines.append(target_row(["CPU ≥ 1.5× SDPA", "B=8 H=12 L=2048 E=64 float32"], per.get("pydl"), per.get(EAGER),
                             lambda sp, p: sp >= 1.5, "us", "" if per else " (no such cell in this run)"))

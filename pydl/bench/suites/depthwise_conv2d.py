@@ -28,8 +28,8 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
-from ..core import COMPILE, EAGER, PYDL, REFERENCE, Provider, Suite, compile_provider, shape_dims
-from ..report import pct_of_ceiling, target_row
+from ..core import COMPILE, EAGER, PYDL, REFERENCE, Provider, Suite, compile_provider, shape_dims, shape_str
+from ..report import cells_by, pct_of_ceiling, target_row
 
 NAME = OP = "depthwise_conv2d"
 KEYS = ("N", "C", "H", "k", "s", "cl")
@@ -110,15 +110,9 @@ def pydl_fn(op: str, backend: Optional[str] = None) -> Callable:
 # --------------------------------------------------------------------------------- targets
 
 
-
-
-
 def report(rows: list) -> list:
     """Markdown: the CPU target cells (both layouts), then the GPU targets on every CUDA cell."""
-    by = {}
-    for r in rows:
-        if r.get("suite") == NAME:
-            by.setdefault((r["device"], r["shape"], r["dtype"], r["mode"]), {})[r["provider"]] = r
+    by = cells_by(rows, NAME, ("device", "shape", "dtype", "mode"))
     lines = ["## Depthwise conv2d targets", "",
              "| target | cell | mode | pydl | torch-eager | speed-up | pydl % of copy | verdict |",
              "|---|---|---|---|---|---|---|---|"]
@@ -128,7 +122,7 @@ def report(rows: list) -> list:
         lines.append(target_row([target, f"{key[1]} {key[2]}", key[3]], per.get("pydl"), per.get(EAGER), ok_fn))
 
     for cl in (0, 1):
-        cell = ",".join(f"{k}={v}" for k, v in dict(CPU_TARGET, cl=cl).items())
+        cell = shape_str(dict(CPU_TARGET, cl=cl))
         row(f"CPU ≥ 1.0× ({'channels_last' if cl else 'NCHW'})", ("cpu", cell, "float32", "fwd+bwd"),
             lambda sp, p: sp >= 1.0)
     for key in sorted(k for k in by if k[0] == "cuda" and k[3] == "fwd+bwd"):

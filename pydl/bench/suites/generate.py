@@ -26,7 +26,7 @@ from typing import Callable, Optional
 import torch
 
 from ..core import EAGER, LATENCY, PYDL, REFERENCE, Provider, Suite, shape_dims
-from ..report import cell_time, flag_note, measured, speedup, verdict
+from ..report import cell_time, cells_by, flag_note, measured, speedup, verdict
 
 NAME = "generate"
 OP = "beam_generate"
@@ -115,10 +115,7 @@ def tokens_per_s(r, s) -> str:
 
 def report(rows: list) -> list:
     """Markdown: tokens/s per cell, pydl vs Hugging Face, and the GPU target on every CUDA cell."""
-    by = {}
-    for r in rows:
-        if r.get("suite") == NAME:
-            by.setdefault((r["device"], r["shape"], r["dtype"]), {})[r["provider"]] = r
+    by = cells_by(rows, NAME, ("device", "shape", "dtype"))
     lines = ["## End-to-end beam search (pydl vs Hugging Face generate)", "",
              "| cell | pydl | HF generate | pydl tokens/s | HF tokens/s | speed-up | target | verdict |",
              "|---|---|---|---|---|---|---|---|"]

@@ -48,7 +48,7 @@ from typing import Callable
 import torch
 
 from ..core import COMPILED, EAGER, PYDL, REFERENCE, THROUGHPUT, Provider, Suite, compile_fn, shape_str
-from ..report import flag_note, measured, speedup, target_row
+from ..report import cells_by, flag_note, measured, speedup, target_row
 from . import _models_lm as lm
 from . import _models_vision as vision
 
@@ -254,10 +254,7 @@ def _ratio(r, base) -> str:
 def report(rows: list) -> list:
     """Markdown: every cell's images/s or tokens/s per provider, pydl and patched over eager, then the
     targets."""
-    by = {}
-    for r in rows:
-        if r.get("suite") == NAME:
-            by.setdefault((r["device"], r["op"], r["mode"], r["shape"], r["dtype"]), {})[r["provider"]] = r
+    by = cells_by(rows, NAME, ("device", "op", "mode", "shape", "dtype"))
     lines = ["## Models (images/s; gpt2: tokens/s)", "",
              "| device | model | mode | cell | dtype | pydl | eager (timm / HF) | compile | pydl compile | patched | "
              "pydl / eager | patched / unpatched |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
