@@ -106,7 +106,12 @@ test-cuda-compile:
 test-install:
 	PYTHON=$(PYTHON) scripts/check_install.sh
 
-test: test-fast test-sanitize test-cuda-emulated test-install test-triton-floor test-cuda-compile
+# CI's order. The full suite and the sanitizer run alone (they use both cores throughout); the
+# later stages run in pairs whose busy parts overlap the other's single-core parts (pip installs,
+# venv setup, the longest emulator program running alone): -O prints each stage's output whole.
+test: test-fast test-sanitize
+	@$(MAKE) --no-print-directory -j2 -Otarget test-cuda-emulated test-install
+	@$(MAKE) --no-print-directory -j2 -Otarget test-triton-floor test-cuda-compile
 
 # The main job: the benchmark harness on whatever device is here (GPU if present). pydl goes in
 # the way a user installs it, editable with the [bench] extra (matplotlib, tqdm); reusing the

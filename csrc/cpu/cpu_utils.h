@@ -101,6 +101,65 @@ PYDL_INLINE T from_acc(acc_t<T> v) {
   }
 }
 
+// One 32-byte vector of the accumulation type A (8 floats or 4 doubles: one AVX2 register) as a
+// GCC/Clang vector type, for the loops GCC does not vectorize well by itself (an `omp simd`
+// reduction keeps one accumulator and adds its lanes one by one). Vector values are passed
+// only between always_inline helpers, so the ABI note GCC gives for them is irrelevant.
+#pragma GCC diagnostic ignored "-Wpsabi"
+template <typename A>
+struct Vec {
+  typedef A V __attribute__((vector_size(32)));
+  using I = std::conditional_t<sizeof(A) == 4, int32_t, int64_t>;
+  typedef I VI __attribute__((vector_size(32)));
+  static constexpr int W = 32 / static_cast<int>(sizeof(A));
+  static PYDL_INLINE V load(const A* p) {
+    V v;
+    std::memcpy(&v, p, sizeof(V));
+    return v;
+  }
+  static PYDL_INLINE void store(A* p, const V& v) { std::memcpy(p, &v, sizeof(V)); }
+  static PYDL_INLINE V splat(A s) {
+    V v;
+    for (int l = 0; l < W; ++l) v[l] = s;
+    return v;
+  }
+  static PYDL_INLINE A sum(const V& v) {  // fixed order
+    A s = 0;
+    for (int l = 0; l < W; ++l) s += v[l];
+    return s;
+  }
+  // Lanes < n kept, the others zeroed (bitwise, so NaN * 0 products are dropped too).
+  static PYDL_INLINE V keep_first(const V& v, int n) {
+    VI mask;
+    for (int l = 0; l < W; ++l) mask[l] = l < n ? I(-1) : I(0);
+    VI bits;
+    std::memcpy(&bits, &v, sizeof(V));
+    bits &= mask;
+    V out;
+    std::memcpy(&out, &bits, sizeof(V));
+    return out;
+  }
+};
+
+// W consecutive elements of storage type T at p as one Vec<acc_t<T>>: bfloat16 widened in
+// registers (a bfloat16 is the top half of a float).
+template <typename T>
+PYDL_INLINE typename Vec<acc_t<T>>::V load_widened(const T* p) {
+  using V = typename Vec<acc_t<T>>::V;
+  if constexpr (std::is_same_v<T, bf16_t>) {
+    typedef uint16_t Half16 __attribute__((vector_size(16)));
+    typedef uint32_t Bits8 __attribute__((vector_size(32)));
+    Half16 h;
+    std::memcpy(&h, p, sizeof(h));
+    const Bits8 bits = __builtin_convertvector(h, Bits8) << 16;
+    V v;
+    std::memcpy(&v, &bits, sizeof(v));
+    return v;
+  } else {
+    return Vec<acc_t<T>>::load(p);
+  }
+}
+
 // Below this many elements per call a single thread is faster than waking a team.
 constexpr int64_t kMinElementsPerThread = 1 << 15;
 

@@ -23,9 +23,6 @@
 #include "cpu_utils.h"
 #include "pydl/depthwise_conv2d.h"
 
-// Vector types are passed only between always_inline helpers; the ABI note is irrelevant.
-#pragma GCC diagnostic ignored "-Wpsabi"
-
 namespace pydl {
 namespace dwconv {
 
@@ -33,40 +30,7 @@ using cpu::acc_t;
 using cpu::from_acc;
 using cpu::to_acc;
 
-template <typename A>
-struct Vec {
-  typedef A V __attribute__((vector_size(32)));
-  using I = std::conditional_t<sizeof(A) == 4, int32_t, int64_t>;
-  typedef I VI __attribute__((vector_size(32)));
-  static constexpr int W = 32 / static_cast<int>(sizeof(A));
-  static PYDL_INLINE V load(const A* p) {
-    V v;
-    std::memcpy(&v, p, sizeof(V));
-    return v;
-  }
-  static PYDL_INLINE void store(A* p, const V& v) { std::memcpy(p, &v, sizeof(V)); }
-  static PYDL_INLINE V splat(A s) {
-    V v;
-    for (int l = 0; l < W; ++l) v[l] = s;
-    return v;
-  }
-  static PYDL_INLINE A sum(const V& v) {  // fixed order
-    A s = 0;
-    for (int l = 0; l < W; ++l) s += v[l];
-    return s;
-  }
-  // Lanes < n kept, the others zeroed (bitwise, so NaN * 0 products are dropped too).
-  static PYDL_INLINE V keep_first(const V& v, int n) {
-    VI mask;
-    for (int l = 0; l < W; ++l) mask[l] = l < n ? I(-1) : I(0);
-    VI bits;
-    std::memcpy(&bits, &v, sizeof(V));
-    bits &= mask;
-    V out;
-    std::memcpy(&out, &bits, sizeof(V));
-    return out;
-  }
-};
+using cpu::Vec;
 
 // Per-thread scratch, kept across calls (OpenMP's threads persist), so a call neither allocates
 // nor zeroes nor page-faults it: every pass writes each scratch element before reading it.

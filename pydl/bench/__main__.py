@@ -24,6 +24,7 @@ import torch
 
 from . import ceilings as _ceilings
 from . import core, report, suites
+from .allocator import make_steady
 from .progress import Progress
 from .timing import default_policy, release_buffers
 
@@ -74,6 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--remeasure", type=int, metavar="N",
                     help="re-measure an implausible cell (too noisy, above the ceiling) up to N times "
                          "(default 2)")
+    ap.add_argument("--malloc", choices=("steady", "default"), default="steady",
+                    help="host allocator during the run: steady (default; freed memory is reused, "
+                         "no page faults from the OS between calls — pydl/bench/allocator.py) or default")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--no-plots", action="store_true")
     ap.add_argument("-v", "--verbose", action="store_true", help="a line per cell on stderr")
@@ -247,6 +251,7 @@ def main(argv=None) -> int:
             ap.error(f"--compare: cannot read {args.compare}: {exc}")
 
     meta = collect_meta(device, argv)
+    meta["host allocator"] = make_steady() if args.malloc == "steady" else "default"
     if args.compare:
         meta["compare"] = args.compare
     meta["measurement"] = (

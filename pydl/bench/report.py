@@ -359,8 +359,8 @@ def markdown(rows: list, meta: dict, compare_result: Optional[dict] = None,
              plots: Optional[list] = None, plot_note: str = "", extra: Optional[list] = None) -> str:
     out = ["# pydl benchmark report", ""]
     out.append(f"- device: {meta.get('device', '')} — {meta.get('device_name', '')}")
-    for k in ("timestamp", "version", "commit", "torch", "triton", "native", "threads", "measurement",
-              "command"):
+    for k in ("timestamp", "version", "commit", "torch", "triton", "native", "threads", "host allocator",
+              "measurement", "command"):
         v = meta.get(k)
         if k == "commit" and v and meta.get("dirty") == "true":
             v = f"{v} (uncommitted changes present)"

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..ops.depthwise_conv2d import depthwise_conv2d
+from ._params import params
 
 
 class DepthwiseConv2d(torch.nn.Conv2d):
@@ -39,7 +40,8 @@ class DepthwiseConv2d(torch.nn.Conv2d):
         return new
 
     def forward(self, x: Tensor) -> Tensor:
+        weight, bias = params(self, "weight", "bias")
         if self.padding_mode != "zeros":
             x = F.pad(x, self._reversed_padding_repeated_twice, mode=self.padding_mode)
-            return depthwise_conv2d(x, self.weight, self.bias, self.stride, 0, self.dilation)
-        return depthwise_conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation)
+            return depthwise_conv2d(x, weight, bias, self.stride, 0, self.dilation)
+        return depthwise_conv2d(x, weight, bias, self.stride, self.padding, self.dilation)

@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from ..ops.layer_norm import layer_norm, layer_norm_gelu
+from ._params import params
 
 
 class LayerNorm(torch.nn.LayerNorm):
@@ -33,10 +34,11 @@ class LayerNorm(torch.nn.LayerNorm):
             raise ValueError(
                 f"{type(self).__name__}: input of shape {tuple(x.shape)} does not end with "
                 f"normalized_shape {tuple(shape)}")
+        weight, bias = params(self, "weight", "bias")
         if len(shape) == 1:
-            return self._normalize(x, self.weight, self.bias)
+            return self._normalize(x, weight, bias)
         flat = lambda t: None if t is None else t.reshape(-1)  # noqa: E731
-        y = self._normalize(x.flatten(x.dim() - len(shape)), flat(self.weight), flat(self.bias))
+        y = self._normalize(x.flatten(x.dim() - len(shape)), flat(weight), flat(bias))
         return y.view(x.shape)
 
     def _normalize(self, rows: Tensor, weight: Optional[Tensor], bias: Optional[Tensor]) -> Tensor:
@@ -80,4 +82,4 @@ class LayerNorm2d(LayerNorm):
         c = self.normalized_shape[0]
         if x.dim() != 4 or x.shape[1] != c:
             raise ValueError(f"LayerNorm2d: expected an (N, {c}, H, W) input, got shape {tuple(x.shape)}")
-        return self._normalize(x.permute(0, 2, 3, 1), self.weight, self.bias).permute(0, 3, 1, 2)
+        return self._normalize(x.permute(0, 2, 3, 1), *params(self, "weight", "bias")).permute(0, 3, 1, 2)

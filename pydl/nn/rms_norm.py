@@ -12,6 +12,7 @@ import torch
 from torch import Tensor
 
 from ..ops.rms_norm import rms_norm
+from ._params import params
 
 
 class RMSNorm(torch.nn.RMSNorm):
@@ -27,7 +28,8 @@ class RMSNorm(torch.nn.RMSNorm):
         if x.shape[-len(shape):] != shape:  # also when x has fewer dims than normalized_shape
             raise ValueError(f"RMSNorm: input of shape {tuple(x.shape)} does not end with "
                              f"normalized_shape {tuple(shape)}")
+        (weight,) = params(self, "weight")
         if len(shape) == 1:
-            return rms_norm(x, self.weight, self.eps)
-        weight = None if self.weight is None else self.weight.reshape(-1)
+            return rms_norm(x, weight, self.eps)
+        weight = None if weight is None else weight.reshape(-1)
         return rms_norm(x.flatten(x.dim() - len(shape)), weight, self.eps).view(x.shape)

@@ -52,6 +52,19 @@ def eager_mode(tensors: tuple) -> int:
     return EAGER
 
 
+def eager_apply(function: type) -> Callable:
+    """``function.apply`` for the eager fast path: the C++ apply of a classic (forward(ctx, ...))
+    ``torch.autograd.Function``, without torch's Python wrapper around it, which binds default
+    arguments for setup_context-style Functions, routes calls under torch.func transforms and
+    unwraps dead functorch wrappers — ~3–4 µs a call that :func:`eager_mode` has already made
+    unnecessary (it sends every call under a transform, and every tensor subclass, to the traced
+    path). Falls back to ``function.apply`` where torch has no such base class."""
+    base_apply = getattr(getattr(torch._C, "_FunctionBase", None), "__dict__", {}).get("apply")
+    if base_apply is None or getattr(function, "setup_context", None) is not torch.autograd.Function.setup_context:
+        return function.apply
+    return base_apply.__get__(None, function)
+
+
 def check_qkv(op: str, named: Sequence[tuple], ndim: int, rank_rule: str) -> None:
     """The shared first checks of the attention ops over ``named`` = ((name, tensor), ...), q first:
     each a floating-point Tensor of rank ``ndim`` (else "<op>: <name> must <rank_rule>"), one dtype."""

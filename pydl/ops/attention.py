@@ -32,8 +32,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import backends
-from ._common import (EAGER, EAGER_GRAD, device_type, differentiable_grads, eager_mode, in_functorch_transform,
-                      vmap_by_loop)
+from ._common import (EAGER, EAGER_GRAD, device_type, differentiable_grads, eager_apply, eager_mode,
+                      in_functorch_transform, vmap_by_loop)
 
 MASK_NONE, MASK_BOOL, MASK_ADD = 0, 1, 2  # the kernels' mask kinds (pydl/triton/attention.py)
 MAX_HEAD_DIM = 256
@@ -251,7 +251,7 @@ def run(q, k, v, mask, kind, is_causal, scale, dropout_p, cu_q, cu_k, max_q, max
     if mode == EAGER:
         return _triton_fwd(*args)
     if mode == EAGER_GRAD:
-        return _EagerAttention.apply(*args)
+        return _eager_attention_apply(*args)
     if in_functorch_transform():
         return _FunctorchAttention.apply(*args)
     return torch.ops.pydl.attention_fwd(*args)
@@ -319,6 +319,9 @@ class _EagerAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, do, _dlse):
         return _grads(ctx, do, _triton_bwd, torch.is_grad_enabled())
+
+
+_eager_attention_apply = eager_apply(_EagerAttention)
 
 
 class _FunctorchAttention(torch.autograd.Function):
@@ -393,11 +396,48 @@ def _backward(ctx, do, _dlse):
 attention_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
+# vmap (torch.func.vmap, and jacrev's batch of cotangents): dense attention without a mask or dropout
+# is independent per batch entry, so the vmapped dim joins the batch dim — one kernel call instead
+# of one per entry (jacrev of a (2, 2, 5, 16) output makes 320 of them); anything else (masks,
+# which may broadcast over the batch; dropout, whose random stream is per batch entry; varlen) is
+# looped.
+
+def _fold_batch(t: Tensor, dim: Optional[int], size: int) -> Tensor:
+    """(size·B, ...) from t with its vmapped dim ``dim`` (None: shared by every entry; then a view
+    with batch stride 0 where B == 1, else a copy)."""
+    t = t.movedim(dim, 0) if dim is not None else t.expand(size, *t.shape)
+    return t.flatten(0, 1)
+
+
+def _batch_wise(mask, dropout_p, cu_q) -> bool:
+    return mask is None and dropout_p == 0.0 and cu_q is None
+
+
 @torch.library.register_vmap("pydl::attention_fwd")
-def _(info, in_dims, *args):
-    return vmap_by_loop(attention_fwd, info, in_dims, *args)
+def _(info, in_dims, q, k, v, mask, kind, is_causal, scale, dropout_p, seed, cu_q, cu_k, max_q, max_k, tf32):
+    if not _batch_wise(mask, dropout_p, cu_q):
+        return vmap_by_loop(attention_fwd, info, in_dims, q, k, v, mask, kind, is_causal, scale, dropout_p, seed,
+                            cu_q, cu_k, max_q, max_k, tf32)
+    n = info.batch_size
+    q, k, v = (_fold_batch(t, d, n) for t, d in zip((q, k, v), in_dims[:3]))
+    o, lse = attention_fwd(q, k, v, None, kind, is_causal, scale, 0.0, seed, None, None, max_q, max_k, tf32)
+    return (o.unflatten(0, (n, -1)), lse.unflatten(0, (n, -1))), (0, 0)
 
 
 @torch.library.register_vmap("pydl::attention_bwd")
-def _(info, in_dims, *args):
-    return vmap_by_loop(attention_bwd, info, in_dims, *args)
+def _(info, in_dims, do, q, k, v, mask, o, lse, kind, is_causal, scale, dropout_p, seed, cu_q, cu_k, max_q, max_k,
+      tf32, need_dmask):
+    args = (do, q, k, v, mask, o, lse, kind, is_causal, scale, dropout_p, seed, cu_q, cu_k, max_q, max_k, tf32,
+            need_dmask)
+    if not _batch_wise(mask, dropout_p, cu_q):
+        return vmap_by_loop(attention_bwd, info, in_dims, *args)
+    n = info.batch_size
+    dims = in_dims[:4] + in_dims[5:7]  # do, q, k, v, o, lse
+    do, q, k, v, o, lse = (_fold_batch(t, d, n) for t, d in zip((do, q, k, v, o, lse), dims))
+    lse = lse.contiguous()  # the kernels read lse with the strides of delta (contiguous), never 0
+    dq, dk, dv, ds = attention_bwd(do, q, k, v, None, o, lse, kind, is_causal, scale, 0.0, seed, None, None,
+                                   max_q, max_k, tf32, need_dmask)
+    grads = tuple(t.unflatten(0, (n, -1)) for t in (dq, dk, dv))
+    if need_dmask:
+        return (*grads, ds.unflatten(0, (n, -1))), (0, 0, 0, 0)
+    return (*grads, ds), (0, 0, 0, None)

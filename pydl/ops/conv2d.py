@@ -36,8 +36,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import backends
-from ._common import (EAGER, EAGER_GRAD, autocast_lower_precision, device_type, differentiable_grads, eager_mode,
-                      in_functorch_transform, same_device, vmap_by_loop)
+from ._common import (EAGER, EAGER_GRAD, autocast_lower_precision, device_type, differentiable_grads, eager_apply,
+                      eager_mode, in_functorch_transform, same_device, vmap_by_loop)
 from ._conv_args import conv_geometry, conv_output_hw
 
 _TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -181,7 +181,7 @@ def run(x, weight, bias, geometry, groups) -> Tensor:
     if mode == EAGER:
         return _triton_fwd(*args)
     if mode == EAGER_GRAD:
-        return _EagerConv2d.apply(*args)
+        return _eager_conv2d_apply(*args)
     if in_functorch_transform():
         return _FunctorchConv2d.apply(*args)
     return torch.ops.pydl.conv2d_fwd(*args)
@@ -252,6 +252,9 @@ class _EagerConv2d(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         return _grads(ctx, dy, _triton_dx, _triton_dw, torch.is_grad_enabled())
+
+
+_eager_conv2d_apply = eager_apply(_EagerConv2d)
 
 
 class _FunctorchConv2d(torch.autograd.Function):

@@ -30,8 +30,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import _native, backends
-from ._common import (EAGER, EAGER_GRAD, autocast_lower_precision, device_type, differentiable_grads, eager_mode,
-                      in_functorch_transform, same_device, vmap_by_loop)
+from ._common import (EAGER, EAGER_GRAD, autocast_lower_precision, device_type, differentiable_grads, eager_apply,
+                      eager_mode, in_functorch_transform, same_device, vmap_by_loop)
 from ._conv_args import Padding, conv_geometry, conv_output_hw, symmetric_padding
 
 MAX_KERNEL = 31  # csrc/include/pydl/depthwise_conv2d.h: kDepthwiseMaxKernel
@@ -65,7 +65,7 @@ def depthwise_conv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, s
     if mode == EAGER:
         y = _native_fwd(x, weight, bias, g)
     elif mode == EAGER_GRAD:
-        y = _EagerDepthwise.apply(x, weight, bias, g)
+        y = _eager_depthwise_apply(x, weight, bias, g)
     elif in_functorch_transform():
         y = _FunctorchDepthwise.apply(x, weight, bias, list(g))
     else:
@@ -251,6 +251,9 @@ class _EagerDepthwise(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         return _grads(ctx, dy, _native_bwd, torch.is_grad_enabled())
+
+
+_eager_depthwise_apply = eager_apply(_EagerDepthwise)
 
 
 class _FunctorchDepthwise(torch.autograd.Function):

@@ -24,8 +24,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import _native, backends
-from ._common import (EAGER, EAGER_GRAD, cuda_autocast_fp32, device_type, differentiable_grads, eager_mode,
-                      in_functorch_transform, vmap_by_loop)
+from ._common import (EAGER, EAGER_GRAD, cuda_autocast_fp32, device_type, differentiable_grads, eager_apply,
+                      eager_mode, in_functorch_transform, vmap_by_loop)
 
 # Activation codes shared with the kernels (csrc/include/pydl/layer_norm.h, pydl/triton).
 ACT_NONE, ACT_GELU, ACT_GELU_TANH = 0, 1, 2
@@ -200,7 +200,9 @@ def _forward(op, x, residual, weight, bias, eps, act, backend, norm=NORM_LAYER):
         y, h, _ = _FWD[name](x, residual, weight, bias, eps, act, norm, False)
         return y, h
     if mode == EAGER_GRAD:
-        return _EagerLayerNorm.apply(x, residual, weight, bias, eps, act, norm, name)
+        if residual is None:
+            return _eager_norm_apply(x, weight, bias, (eps, act, norm, name)), None
+        return _eager_add_norm_apply(x, residual, weight, bias, (eps, act, norm, name))
     if in_functorch_transform():
         y, h, _ = _FunctorchLayerNorm.apply(x, residual, weight, bias, eps, act, norm, name)
     else:  # torch.compile / torch.export / fake tensors / dispatch modes / subclasses
@@ -255,6 +257,13 @@ def _matrix(t: Optional[Tensor], n: int) -> Optional[Tensor]:
     return t.reshape(-1, n)
 
 
+def _empty_stats(x: Tensor, m: int) -> Tensor:
+    """(2, M) uninitialized statistics for x's rows (torch.empty: ~2 us cheaper than new_empty)."""
+    if x.is_cpu:
+        return torch.empty(2, m, dtype=_stats_dtype(x.dtype))
+    return torch.empty(2, m, dtype=_stats_dtype(x.dtype), device=x.device)
+
+
 def _ptr(t: Optional[Tensor]) -> int:
     return 0 if t is None else t.data_ptr()
 
@@ -282,7 +291,7 @@ def _native_fwd(x, residual, weight, bias, eps, act, norm, with_stats=True):
     if x.is_contiguous():
         x_ld, y = n, torch.empty_like(x)
     else:
-        y = x.new_empty(x.shape)
+        y = torch.empty_like(x, memory_format=torch.contiguous_format)
         x, x_ld = _rows(x, n)
     m = x.numel() // n
     h, r_ld = None, n
@@ -291,7 +300,7 @@ def _native_fwd(x, residual, weight, bias, eps, act, norm, with_stats=True):
         h = torch.empty_like(y)
     stats, mean_ptr, rstd_ptr = None, 0, 0
     if with_stats:
-        stats = x.new_empty((2, m), dtype=_stats_dtype(x.dtype))
+        stats = _empty_stats(x, m)
         mean_ptr, rstd_ptr = _stats_ptrs(stats)
     code = _native.DTYPE_CODES[x.dtype]
     weight, bias = _contiguous(weight), _contiguous(bias)
@@ -316,15 +325,15 @@ def _native_bwd(dy, dh, x, weight, bias, stats, act, norm, need_dw, need_db):
     n = x.shape[-1]
     if x.numel() == 0:
         return _empty_bwd(dh, x, weight, bias, need_dw, need_db)
-    dx = x.new_empty(x.shape)
+    dx = torch.empty_like(x, memory_format=torch.contiguous_format)
     x, x_ld = _rows(x, n)
     dy, dy_ld = _rows(dy, n)
     dh_ld = n
     if dh is not None:
         dh, dh_ld = _rows(dh, n)
     m = x.numel() // n
-    dw = x.new_empty(n, dtype=weight.dtype) if need_dw else None
-    db = x.new_empty(n, dtype=bias.dtype) if need_db else None
+    dw = torch.empty_like(weight, memory_format=torch.contiguous_format) if need_dw else None
+    db = torch.empty_like(bias, memory_format=torch.contiguous_format) if need_db else None
     code = _native.DTYPE_CODES[x.dtype]
     weight, bias = _contiguous(weight), _contiguous(bias)
     args = (m, n, code, dy.data_ptr(), dy_ld, _ptr(dh), dh_ld, x.data_ptr(), x_ld,
@@ -395,60 +404,84 @@ _FWD = {"native": _native_fwd, "triton": _triton_fwd}
 _BWD = {"native": _native_bwd, "triton": _triton_bwd}
 
 
-# ---- autograd, shared by the eager Function, the functorch Function and the custom op ------------
+# ---- autograd, shared by the eager Functions, the functorch Function and the custom op ----------
 #
 # Saved: the normalized input (x, or h = x + residual: an output, so add_layer_norm never keeps
-# x and residual alive), weight, bias and the row statistics.
+# x and residual alive), weight, bias and the row statistics; ``ctx.cfg`` = (eps, act, norm,
+# backend), one attribute (each ctx attribute costs a model's forward time on every call).
 
-def _save(ctx, x, residual, weight, bias, eps, act, norm, backend, h, stats):
-    ctx.set_materialize_grads(False)  # an unused output's gradient arrives as None, not zeros
-    ctx.has_residual = residual is not None
-    ctx.eps, ctx.act, ctx.norm, ctx.backend = eps, act, norm, backend
-    ctx.save_for_backward(h if ctx.has_residual else x, weight, bias, stats)
+def _save(ctx, normalized, weight, bias, stats, cfg) -> None:
+    ctx.cfg = cfg
+    ctx.save_for_backward(normalized, weight, bias, stats)
 
 
-def _grads(ctx, dy, dh, bwd, differentiable: bool) -> tuple:
-    """(dx, dresidual, dweight, dbias) from the saved context; ``bwd`` runs the kernel.
+def _grads(ctx, dy, dh, need_w, need_b, bwd, differentiable: bool) -> tuple:
+    """(dx, dweight, dbias) from the saved context; dx includes dh, the gradient of h = x + residual
+    (None without a residual); ``bwd`` runs the kernel; dweight/dbias are None unless requested.
 
     differentiable: the caller asked for a backward graph (``create_graph=True``); it is then
     recomputed with the torch composition, so double backward is exact. (Inside torch.func
     transforms, which track higher orders themselves, the kernel always runs.)
     """
     normalized, weight, bias, stats = ctx.saved_tensors
-    need_x, need_res, need_w, need_b = ctx.needs_input_grad[:4]
-    need_w = bool(need_w and weight is not None)
-    need_b = bool(need_b and bias is not None)
-    if not ctx.has_residual:
-        dh = None
+    eps, act, norm, _ = ctx.cfg
     if dy is None:  # only h was used downstream: h = x + residual passes its gradient through
-        return (dh if need_x else None, dh if need_res else None, None, None)
+        return dh, None, None
     if differentiable:
-        act, eps, norm = ctx.act, ctx.eps, ctx.norm
         ref = lambda t, w, b: (_torch_norm(t, w, b, eps, act, norm),)  # noqa: E731
         dx, dw, db = differentiable_grads(ref, (normalized, weight, bias), (dy,))
         if dx is None:
             dx = torch.zeros_like(normalized)
-        if dh is not None:
-            dx = dx + dh
-    else:
-        dx, dw, db = bwd(dy, dh, normalized, weight, bias, stats, ctx.act, ctx.norm, need_w, need_b)
-    return (dx if need_x else None, dx if (need_res and ctx.has_residual) else None,
-            dw if need_w else None, db if need_b else None)
+        return (dx if dh is None else dx + dh), (dw if need_w else None), (db if need_b else None)
+    return bwd(dy, dh, normalized, weight, bias, stats, act, norm, need_w, need_b)
 
 
-class _EagerLayerNorm(torch.autograd.Function):
-    """The eager fast path with a gradient: kernels called directly (a classic Function: its
-    ``apply`` costs a fraction of a setup_context-style Function's)."""
+def _residual_grads(ctx, dy, dh, bwd, differentiable: bool) -> tuple:
+    """(dx, dresidual, dweight, dbias) of a Function whose first inputs are (x, residual, weight,
+    bias); residual may be None (then dh is ignored)."""
+    need_x, need_r, need_w, need_b = ctx.needs_input_grad[:4]
+    has_residual = ctx.has_residual
+    dx, dw, db = _grads(ctx, dy, dh if has_residual else None, need_w, need_b, bwd, differentiable)
+    return (dx if need_x else None), (dx if need_r and has_residual else None), dw, db
+
+
+class _EagerNorm(torch.autograd.Function):
+    """The eager fast path with a gradient and no residual: kernels called directly, in a classic
+    Function (its ``apply`` costs a fraction of a setup_context-style Function's) with one output
+    and the call's constants in one tuple (apply's cost grows with every argument and output)."""
 
     @staticmethod
-    def forward(ctx, x, residual, weight, bias, eps, act, norm, backend):
+    def forward(ctx, x, weight, bias, cfg):
+        eps, act, norm, backend = cfg
+        y, _, stats = _FWD[backend](x, None, weight, bias, eps, act, norm)
+        _save(ctx, x, weight, bias, stats, cfg)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        _, need_w, need_b, _ = ctx.needs_input_grad
+        return (*_grads(ctx, dy, None, need_w, need_b, _BWD[ctx.cfg[3]], torch.is_grad_enabled()), None)
+
+
+class _EagerAddNorm(torch.autograd.Function):
+    """The eager fast path with a gradient and a residual: outputs (y, h = x + residual)."""
+
+    @staticmethod
+    def forward(ctx, x, residual, weight, bias, cfg):
+        eps, act, norm, backend = cfg
         y, h, stats = _FWD[backend](x, residual, weight, bias, eps, act, norm)
-        _save(ctx, x, residual, weight, bias, eps, act, norm, backend, h, stats)
+        ctx.set_materialize_grads(False)  # an unused output's gradient arrives as None, not zeros
+        ctx.has_residual = True
+        _save(ctx, h, weight, bias, stats, cfg)
         return y, h
 
     @staticmethod
     def backward(ctx, dy, dh):
-        return (*_grads(ctx, dy, dh, _BWD[ctx.backend], torch.is_grad_enabled()), None, None, None, None)
+        return (*_residual_grads(ctx, dy, dh, _BWD[ctx.cfg[3]], torch.is_grad_enabled()), None)
+
+
+_eager_norm_apply = eager_apply(_EagerNorm)
+_eager_add_norm_apply = eager_apply(_EagerAddNorm)
 
 
 class _FunctorchLayerNorm(torch.autograd.Function):
@@ -470,7 +503,7 @@ class _FunctorchLayerNorm(torch.autograd.Function):
         # No grad mode: the backward custom op is not differentiable, and under a grad
         # transform its autograd stub must not see grad-tracking inputs.
         with torch.no_grad():
-            return (*_grads(ctx, dy, dh, _bwd_op(ctx), False), None, None, None, None)
+            return (*_residual_grads(ctx, dy, dh, _bwd_op(ctx), False), None, None, None, None)
 
 
 # ---- custom ops (the traced path) ----------------------------------------------------------------
@@ -523,18 +556,21 @@ def _kernel_table(table: dict, backend: str):
 def _setup_context(ctx, inputs, output):
     x, residual, weight, bias, eps, act, norm, backend = inputs
     _y, h, stats = output
-    _save(ctx, x, residual, weight, bias, eps, act, norm, backend, h, stats)
+    ctx.set_materialize_grads(False)  # an unused output's gradient arrives as None, not zeros
+    ctx.has_residual = residual is not None
+    _save(ctx, h if ctx.has_residual else x, weight, bias, stats, (eps, act, norm, backend))
 
 
 def _bwd_op(ctx):
     def bwd(dy, dh, x, weight, bias, stats, act, norm, need_w, need_b):
-        return torch.ops.pydl.layer_norm_bwd(dy, dh, x, weight, bias, stats, act, norm, need_w, need_b,
-                                             ctx.backend)
+        dx, dw, db = torch.ops.pydl.layer_norm_bwd(dy, dh, x, weight, bias, stats, act, norm, need_w, need_b,
+                                                   ctx.cfg[3])
+        return dx, (dw if need_w else None), (db if need_b else None)
     return bwd
 
 
 def _backward(ctx, dy, dh, _dstats):
-    return (*_grads(ctx, dy, dh, _bwd_op(ctx), torch.is_grad_enabled()), None, None, None, None)
+    return (*_residual_grads(ctx, dy, dh, _bwd_op(ctx), torch.is_grad_enabled()), None, None, None, None)
 
 
 layer_norm_fwd.register_autograd(_backward, setup_context=_setup_context)

@@ -225,6 +225,33 @@ def test_deepcopy_pickle_and_train_step():
     assert not torch.allclose(pm.weight, torch.ones(16), atol=1e-2), "the weight was never updated"
 
 
+class _Doubled(torch.nn.Module):
+    def forward(self, w):
+        return 2 * w
+
+
+@pytest.mark.parametrize("cls,make", [("LayerNorm", lambda: torch.nn.LayerNorm(16)),
+                                      ("RMSNorm", lambda: torch.nn.RMSNorm(16)),
+                                      ("DepthwiseConv2d", lambda: torch.nn.Conv2d(4, 4, 3, padding=1, groups=4))])
+def test_parametrized_weight_is_used(cls, make):
+    """The modules read parameters from their dict for speed; a weight moved out of it by
+    torch.nn.utils.parametrize (a property) must still be the one used, with its gradient."""
+    from torch.nn.utils import parametrize
+
+    ref = make()
+    with torch.no_grad():
+        ref.weight.uniform_(0.5, 1.5)
+    mine = (pydl.nn.DepthwiseConv2d(4, 3, padding=1) if cls == "DepthwiseConv2d" else getattr(pydl.nn, cls)(16))
+    mine.load_state_dict(ref.state_dict())
+    for m in (ref, mine):
+        parametrize.register_parametrization(m, "weight", _Doubled())
+    x = torch.randn(2, 4, 5, 5) if cls == "DepthwiseConv2d" else torch.randn(3, 16)
+    outs = [m(x) for m in (ref, mine)]
+    torch.testing.assert_close(outs[1], outs[0])
+    grads = [torch.autograd.grad(o.sum(), m.parametrizations.weight.original) for o, m in zip(outs, (ref, mine))]
+    torch.testing.assert_close(grads[1], grads[0])
+
+
 def test_module_under_torch_compile_fullgraph():
     torch._dynamo.reset()
     model = torch.nn.Sequential(torch.nn.Linear(24, 24), pydl.nn.LayerNormGELU(24, approximate="tanh"),

@@ -210,3 +210,38 @@ def test_long_sequence(triton_device, monkeypatch):
     monkeypatch.setattr(kernels, "INTERPRETER_CONFIG", kernels.Config(64, 64, 4, 1))
     check_case(AttnCase(B=1, H=1, Hkv=1, Nq=1000, Nk=1000, E=16, EV=16, causal=True), FP32, triton_device,
                "triton")
+
+
+@pytest.mark.parametrize("B", [1, 2])
+@pytest.mark.parametrize("in_dims", [(0, None, None), (1, 0, 2)], ids=str)
+def test_vmap_folds_into_the_batch(B, in_dims, triton_device):
+    """vmap (and jacrev's batch of cotangents) over the custom ops: the vmapped dim joins the batch
+    dim in one kernel call; outputs and gradients equal the per-entry calls (a shared lse with
+    batch stride 0 — B == 1 — must not be read with the kernels' contiguous lse strides)."""
+    g = torch.Generator().manual_seed(B)
+    mk = lambda *s: torch.randn(*s, generator=g).to(triton_device)  # noqa: E731
+    q, k, v = mk(B, 2, 5, 16), mk(B, 1, 7, 16), mk(B, 1, 7, 16)
+    batched = [torch.stack([t, 0.5 * t + 0.1, -t], dim=d) if d is not None else t
+               for t, d in zip((q, k, v), in_dims)]
+    fn = lambda q_, k_, v_: attention(q_, k_, v_, is_causal=True, enable_gqa=True, backend="triton")  # noqa: E731
+    got = torch.func.vmap(fn, in_dims=in_dims)(*batched)
+    want = torch.stack([fn(*[t.select(d, i) if d is not None else t for t, d in zip(batched, in_dims)])
+                        for i in range(3)])
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    loss = lambda q_, k_, v_: torch.func.vmap(fn, in_dims=in_dims)(q_, k_, v_).square().sum()  # noqa: E731
+    got_g = torch.func.grad(loss, argnums=(0, 1, 2))(*batched)
+    leaves = [t.detach().requires_grad_() for t in batched]
+    want_g = torch.autograd.grad(
+        sum(fn(*[t.select(d, i) if d is not None else t for t, d in zip(leaves, in_dims)]).square().sum()
+            for i in range(3)), leaves)
+    for a, b in zip(got_g, want_g):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+    # jacrev's pattern: one forward, then the backward vmapped over cotangents (o and lse shared)
+    out, vjp_fn = torch.func.vjp(fn, q, k, v)
+    cotangents = torch.stack([mk(*out.shape) for _ in range(3)])
+    got_v = torch.func.vmap(vjp_fn)(cotangents)
+    leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+    out = fn(*leaves)
+    for i in range(3):
+        for a, b in zip(got_v, torch.autograd.grad(out, leaves, cotangents[i], retain_graph=True)):
+            torch.testing.assert_close(a[i], b, atol=1e-4, rtol=1e-4)

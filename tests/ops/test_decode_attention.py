@@ -93,9 +93,12 @@ def test_nan_past_lengths_changes_nothing(backend, dtype):
     assert torch.equal(out, clean)
 
 
+@pytest.mark.parametrize("dtype", [FP32, BF16, FP64], ids=str)
+@pytest.mark.parametrize("E,Ev", [(20, 36), (5, 3), (67, 9)], ids=str)
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_scale_and_value_head_dim(backend):
-    q, k, v, lens = make(B=3, H=6, Hkv=3, L=50, E=20, Ev=36, lens=[50, 3, 31])
+def test_scale_and_value_head_dim(backend, E, Ev, dtype):
+    """Head dims that are not whole vectors (the CPU kernel's scalar tails; 5 and 3: tails only)."""
+    q, k, v, lens = make(B=3, H=6, Hkv=3, L=150, E=E, Ev=Ev, dtype=dtype, lens=[150, 3, 131])
     check(decode_attention(q, k, v, lens, 0.3, backend=backend), q, k, v, lens, scale=0.3)
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 import torch.utils.checkpoint as checkpoint
@@ -28,7 +28,9 @@ class OpUnderTest:
     make_inputs(shape, requires_grad) -> tuple of tensors (float64, CPU unless said);
     shapes: two shapes that differ only where a dynamic dim may vary (first dims), used for the
     recompile checks; vmap_in_dims: in_dims for torch.func.vmap over a new leading batch dim
-    (None entries: arguments shared across the batch, e.g. weights).
+    (None entries: arguments shared across the batch, e.g. weights); jacrev_shape: the shape of the
+    jacrev check (its cost grows with the output's size: one backward per output element), shapes[0]
+    if None.
     """
 
     name: str
@@ -40,6 +42,7 @@ class OpUnderTest:
     atol: float = ATOL
     rtol: float = RTOL
     extra: dict = field(default_factory=dict)
+    jacrev_shape: Optional[tuple] = None
 
 
 def as_tuple(out) -> tuple:
@@ -149,7 +152,7 @@ def check_func_vmap(op: OpUnderTest) -> None:
 
 
 def check_func_jacrev(op: OpUnderTest) -> None:
-    x = _fresh(op, op.shapes[0], requires_grad=False)
+    x = _fresh(op, op.jacrev_shape or op.shapes[0], requires_grad=False)
     first = lambda f: (lambda *a: as_tuple(f(*a))[0])  # noqa: E731 - jacobian of the first output
     got = torch.func.jacrev(first(op.fn), argnums=0)(*x)
     want = torch.func.jacrev(first(op.ref), argnums=0)(*x)
