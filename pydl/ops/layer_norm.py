@@ -114,10 +114,11 @@ def _allowed_mix(name: str, other: torch.dtype, dtype: torch.dtype) -> bool:
     return other is torch.float32 and dtype in (torch.float16, torch.bfloat16)
 
 
-def _check_args(op: str, x, residual, weight, bias, eps) -> None:
+def _check_args(op: str, x, residual, weight, bias, eps) -> tuple:
     """Argument checks, written for speed (a model's forward pays them on every call): each
     tensor attribute read costs ~0.1 us, so each is read once; torch.device objects are never
-    built (a device is compared through is_cpu / get_device())."""
+    built (a device is compared through is_cpu / get_device()). Returns x's dispatch key
+    (``_key``) from the attributes already read."""
     if not isinstance(x, Tensor):
         raise TypeError(f"{op}: x must be a Tensor, got {type(x).__name__}")
     dtype, shape, on_cpu = x.dtype, x.shape, x.is_cpu
@@ -145,6 +146,7 @@ def _check_args(op: str, x, residual, weight, bias, eps) -> None:
         raise TypeError(f"{op}: eps must be a float, got {type(eps).__name__}")
     if not 0.0 <= eps < _INF:  # also refuses NaN
         raise ValueError(f"{op}: eps must be a finite number >= 0, got {eps}")
+    return ("cpu" if on_cpu else device_type(x)), dtype, shape[-1] > TRITON_MAX_N
 
 
 def _native_reasons(key: tuple) -> list:
@@ -179,9 +181,10 @@ def choose_backend(x: Tensor, backend: Optional[str] = None, op: str = "layer_no
 
 def _forward(op, x, residual, weight, bias, eps, act, backend, norm=NORM_LAYER):
     """(y, h) of one LayerNorm- or RMSNorm-family call; h is None without a residual."""
-    _check_args(op, x, residual, weight, bias, eps)
-    if x.is_cuda:
+    key = _check_args(op, x, residual, weight, bias, eps)
+    if key[0] == "cuda":
         x, residual, weight, bias = cuda_autocast_fp32("cuda", (x, residual, weight, bias))
+        key = _key(x)
     if residual is not None and residual.dtype is not x.dtype:  # h = x + residual promotes, as torch
         dtype = torch.promote_types(x.dtype, residual.dtype)  # float32 or float64: dtypes differ
         x, residual = x.to(dtype), residual.to(dtype)
@@ -190,8 +193,9 @@ def _forward(op, x, residual, weight, bias, eps, act, backend, norm=NORM_LAYER):
             weight = weight.to(dtype)
         if bias is not None and bias.dtype is not dtype:
             bias = bias.to(dtype)
+        key = _key(x)
     tensors = (x, residual, weight, bias)
-    name = DISPATCH.choose(_key(x), backend)
+    name = DISPATCH.choose(key, backend)
     if name == "torch":
         return _torch_forward(x, residual, weight, bias, eps, act, norm)
     eps = float(eps)
@@ -285,15 +289,15 @@ def _empty_fwd(x, residual):
 
 
 def _native_fwd(x, residual, weight, bias, eps, act, norm, with_stats=True):
-    n = x.shape[-1]
-    if x.numel() == 0:
+    n, numel = x.shape[-1], x.numel()
+    if numel == 0:
         return _empty_fwd(x, residual)
     if x.is_contiguous():
         x_ld, y = n, torch.empty_like(x)
     else:
         y = torch.empty_like(x, memory_format=torch.contiguous_format)
         x, x_ld = _rows(x, n)
-    m = x.numel() // n
+    m = numel // n
     h, r_ld = None, n
     if residual is not None:
         residual, r_ld = _rows(residual, n)
