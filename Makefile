@@ -7,16 +7,24 @@ PY := $(VENV)/bin/python
 export PYDL_CUDA_ARCHS ?= 90a
 SANITIZE_LIB_DIR := build/sanitize-lib
 
-.PHONY: all env build test test-fast test-sanitize test-cuda-emulated bench info clean test-install \
+.PHONY: all env build setup test test-fast test-sanitize test-cuda-emulated bench info clean test-install \
 	test-triton-floor test-cuda-compile
 
 all: test
 
-$(VENV)/.deps: pyproject.toml Makefile
+# The build tools first: the native core builds without torch (DESIGN §5), so `make test` builds
+# it while torch and the ecosystem install (the `setup` step below).
+BUILD_TOOLS := "setuptools>=77" wheel pybind11 "cmake>=3.24" ninja
+$(VENV)/.build-tools: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(BUILD_TOOLS)
+	touch $@
+
+# The build tools stay in the install lines (satisfied, so never reinstalled under a running build).
+$(VENV)/.deps: $(VENV)/.build-tools
 	$(PY) -m pip install -q torch==2.13.0 numpy triton pytest pytest-xdist hypothesis matplotlib tqdm \
-		"setuptools>=77" wheel pybind11 "cmake>=3.24" ninja
+		$(BUILD_TOOLS)
 	# The ecosystem pydl interoperates with (tests/models, tests/generation, tests/train, patching):
 	# torch stays pinned in the same line, or timm / transformers pull a CUDA torch.
 	$(PY) -m pip install -q torch==2.13.0 transformers==5.24.0 timm==1.0.31 scikit-learn \
@@ -25,16 +33,16 @@ $(VENV)/.deps: pyproject.toml Makefile
 
 env: $(VENV)/.deps
 
-build: env
+build: $(VENV)/.build-tools
 	$(PY) setup.py -q build_ext --inplace
 
-info: build
+info: build env
 	$(PY) -m pydl info
 
 # The full suite: CUDA tests skip (no GPU here), Triton kernels run in the interpreter; two
 # pytest-xdist workers (the CI machine's 2 cores; most tests are single-threaded Python).
 TEST_WORKERS ?= 2
-test-fast: build
+test-fast: build env
 	$(PY) -m pytest -q -n $(TEST_WORKERS) tests
 
 # CPU kernels again under AddressSanitizer + UndefinedBehaviorSanitizer (a separate build).
@@ -89,7 +97,7 @@ $(VENV_TRITON_FLOOR)/.deps: Makefile
 	$(VENV_TRITON_FLOOR)/bin/python -m pip install -q torch==2.13.0 triton==3.6.0 numpy pytest pytest-xdist hypothesis
 	touch $@
 
-test-triton-floor: build $(VENV_TRITON_FLOOR)/.deps
+test-triton-floor: build env $(VENV_TRITON_FLOOR)/.deps
 	PYDL_TEST_SAMPLE=edges $(VENV_TRITON_FLOOR)/bin/python -m pytest -q -n $(TEST_WORKERS) tests/ops tests/nn -m triton
 	$(VENV_TRITON_FLOOR)/bin/python scripts/check_triton_compile.py
 	$(PY) scripts/check_triton_compile.py
@@ -106,10 +114,15 @@ test-cuda-compile:
 test-install:
 	PYTHON=$(PYTHON) scripts/check_install.sh
 
-# CI's order. The full suite and the sanitizer run alone (they use both cores throughout); the
+# The build (both cores) while torch, the ecosystem and the Triton-floor venv install (pip: one).
+setup: $(VENV)/.build-tools
+	@$(MAKE) --no-print-directory -j3 -Otarget build env $(VENV_TRITON_FLOOR)/.deps
+
+# CI's order. After the setup, the full suite and the sanitizer run alone (they use both cores throughout); the
 # later stages run in pairs whose busy parts overlap the other's single-core parts (pip installs,
 # venv setup, the longest emulator program running alone): -O prints each stage's output whole.
-test: test-fast test-sanitize
+test: setup
+	@$(MAKE) --no-print-directory test-fast test-sanitize
 	@$(MAKE) --no-print-directory -j2 -Otarget test-cuda-emulated test-install
 	@$(MAKE) --no-print-directory -j2 -Otarget test-triton-floor test-cuda-compile
 
