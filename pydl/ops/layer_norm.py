@@ -262,9 +262,8 @@ def _matrix(t: Optional[Tensor], n: int) -> Optional[Tensor]:
 
 
 def _empty_stats(x: Tensor, m: int) -> Tensor:
-    """(2, M) uninitialized statistics for x's rows (torch.empty: ~2 us cheaper than new_empty)."""
-    if x.is_cpu:
-        return torch.empty(2, m, dtype=_stats_dtype(x.dtype))
+    """(2, M) uninitialized statistics for x's rows, on x's device whatever torch's default device
+    is (torch.empty: ~2 us cheaper than x.new_empty)."""
     return torch.empty(2, m, dtype=_stats_dtype(x.dtype), device=x.device)
 
 
@@ -285,7 +284,7 @@ def _empty_fwd(x, residual):
     m = x.numel() // x.shape[-1] if x.shape[-1] else 0
     y = torch.empty_like(x, memory_format=torch.contiguous_format)
     h = x + residual if residual is not None else None
-    return y, h, x.new_empty((2, m), dtype=_stats_dtype(x.dtype))
+    return y, h, _empty_stats(x, m)
 
 
 def _native_fwd(x, residual, weight, bias, eps, act, norm, with_stats=True):
@@ -527,7 +526,7 @@ def _(x, residual, weight, bias, eps, activation, norm, backend):
     m = x.numel() // x.shape[-1] if x.shape[-1] else 0
     y = torch.empty_like(x, memory_format=torch.contiguous_format)
     h = torch.empty_like(y) if residual is not None else x.new_empty(0)
-    return y, h, x.new_empty((2, m), dtype=_stats_dtype(x.dtype))
+    return y, h, _empty_stats(x, m)
 
 
 @torch.library.custom_op("pydl::layer_norm_bwd", mutates_args=())

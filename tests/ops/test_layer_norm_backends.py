@@ -129,3 +129,21 @@ def test_env_var_is_read_once(monkeypatch, force_env):
     pydl.backends.reload_env()
     with pytest.raises(pydl.BackendError):
         ops.layer_norm(x16)
+
+
+def test_kernel_buffers_follow_x_not_the_default_device():
+    """The row statistics are allocated on x's device even when torch's default device is another
+    one (a meta or CUDA stats buffer handed to the CPU kernel would be a wrong pointer)."""
+    import importlib
+
+    import torch
+
+    ln = importlib.import_module("pydl.ops.layer_norm")
+    x = torch.randn(4, 8, requires_grad=True)
+    g = torch.randn(4, 8)
+    with torch.device("meta"):
+        y, _, stats = ln._native_fwd(x.detach(), None, None, None, 1e-5, ln.ACT_NONE, ln.NORM_LAYER)
+        got = torch.autograd.grad(ops.layer_norm(x, backend="native"), x, g)[0]
+    assert stats.device == x.device and y.device == x.device
+    want = torch.autograd.grad(F.layer_norm(x, (8,)), x, g)[0]
+    torch.testing.assert_close(got, want)
