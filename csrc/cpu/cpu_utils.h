@@ -118,10 +118,13 @@ struct Vec {
     return v;
   }
   static PYDL_INLINE void store(A* p, const V& v) { std::memcpy(p, &v, sizeof(V)); }
+  // One broadcast instruction. A lane-by-lane build (or an initializer list) inlined into a
+  // function compiled for a higher ISA level was built by eight inserts: GCC lowers the
+  // construction before inlining. A shuffle of lane 0 is lowered after it.
   static PYDL_INLINE V splat(A s) {
-    V v;
-    for (int l = 0; l < W; ++l) v[l] = s;
-    return v;
+    V v = {};
+    v[0] = s;
+    return __builtin_shuffle(v, VI{});
   }
   static PYDL_INLINE A sum(const V& v) {  // fixed order
     A s = 0;

@@ -67,9 +67,10 @@ def test_reference_is_sdpa_over_prefix():
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [FP32, FP64, BF16], ids=str)
 @pytest.mark.parametrize("G", [1, 2, 4, 8])
-def test_matches_sdpa_over_prefix(backend, dtype, G):
+@pytest.mark.parametrize("E", [24, 64])  # 64: the CPU kernel's compile-time head dim
+def test_matches_sdpa_over_prefix(backend, dtype, G, E):
     L = 97
-    q, k, v, lens = make(B=5, H=2 * G, Hkv=2, L=L, E=24, dtype=dtype, lens=[0, 1, 17, L, 64])
+    q, k, v, lens = make(B=5, H=2 * G, Hkv=2, L=L, E=E, dtype=dtype, lens=[0, 1, 17, L, 64])
     check(decode_attention(q, k, v, lens, backend=backend), q, k, v, lens)
 
 
@@ -84,8 +85,9 @@ def test_lengths(backend, lens):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [FP32, BF16], ids=str)
-def test_nan_past_lengths_changes_nothing(backend, dtype):
-    q, k, v, lens = make(B=4, H=8, Hkv=2, L=130, E=32, dtype=dtype, lens=[0, 1, 67, 129])
+@pytest.mark.parametrize("E,Hkv", [(32, 2), (64, 8), (64, 2)], ids=str)
+def test_nan_past_lengths_changes_nothing(backend, dtype, E, Hkv):
+    q, k, v, lens = make(B=4, H=8, Hkv=Hkv, L=130, E=E, dtype=dtype, lens=[0, 1, 67, 129])
     clean = decode_attention(q, k, v, lens, backend=backend)
     poison_past_lengths(k, v, lens)
     out = decode_attention(q, k, v, lens, backend=backend)
@@ -94,7 +96,7 @@ def test_nan_past_lengths_changes_nothing(backend, dtype):
 
 
 @pytest.mark.parametrize("dtype", [FP32, BF16, FP64], ids=str)
-@pytest.mark.parametrize("E,Ev", [(20, 36), (5, 3), (67, 9)], ids=str)
+@pytest.mark.parametrize("E,Ev", [(20, 36), (5, 3), (67, 9), (64, 32)], ids=str)
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_scale_and_value_head_dim(backend, E, Ev, dtype):
     """Head dims that are not whole vectors (the CPU kernel's scalar tails; 5 and 3: tails only)."""
