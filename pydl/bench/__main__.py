@@ -265,7 +265,8 @@ def main(argv=None) -> int:
          f"modes {' '.join(args.modes)}; {policy.budget_s:g} s per measurement; threads {meta['threads']}")
 
     ceil = _ceilings.measure(device, quick=args.quick, small=args.smoke)
-    _log(f"ceilings: copy {ceil.copy_gbps:.1f} GB/s (read + write), matmul {ceil.matmul_tflops:.2f} "
+    _log(f"ceilings: copy {ceil.copy_gbps:.1f} GB/s (read + write), read {ceil.read_gbps:.1f} GB/s, "
+         f"matmul {ceil.matmul_tflops:.2f} "
          f"TFLOP/s ({ceil.matmul_desc})")
 
     cfg = suites.SuiteConfig(device=device, dtypes=dtypes, modes=list(args.modes), quick=args.quick,

@@ -1,7 +1,11 @@
 """The machine's own ceilings, measured in the same run as the benchmarks.
 
 copy bandwidth: ``dst.copy_(src)`` of a large buffer, counting bytes read + bytes written
-    (CUDA: 2 GiB each way; CPU: 256 MB).
+    (CUDA: 2 GiB each way; CPU: 256 MB). The % of ceiling of every bandwidth cell is of this.
+read bandwidth: ``src.sum()`` of the same buffer, counting the bytes read. A read-only kernel
+    (decode attention reading a KV cache) can beat the copy rate: on a CPU each store of a copy
+    first reads its destination line (write-allocate), which the copy's byte count does not see.
+    The plausibility check holds bandwidth cells against the higher of the two.
 matmul rate: ``a @ b`` on random data (CUDA: bf16 8192^3; CPU: fp32 2048^3), 2·M·N·K flops.
 """
 
@@ -22,6 +26,13 @@ class Ceilings:
     matmul_desc: str          # e.g. "bfloat16 8192x8192x8192"
     copy_p50_ms: float = float("nan")
     matmul_p50_ms: float = float("nan")
+    read_gbps: float = float("nan")   # GB/s of a sum over copy_bytes / 2 bytes (nan: not measured)
+    read_p50_ms: float = float("nan")
+
+    @property
+    def bandwidth_limit_gbps(self) -> float:
+        """The highest bandwidth measured (copy or read): what no bandwidth cell can beat."""
+        return max(self.copy_gbps, self.read_gbps) if self.read_gbps == self.read_gbps else self.copy_gbps
 
 
 def measure_copy_gbps(device: torch.device, nbytes: int, policy: TimingPolicy):
@@ -34,6 +45,15 @@ def measure_copy_gbps(device: torch.device, nbytes: int, policy: TimingPolicy):
     moved = 2 * n * 4
     del src, dst
     return moved / (m.p50_ms * 1e-3) / 1e9, m.p50_ms, moved
+
+
+def measure_read_gbps(device: torch.device, nbytes: int, policy: TimingPolicy):
+    """Returns (GB/s of ``src.sum()`` over ``nbytes`` of float32, counting the bytes read, p50 ms)."""
+    src = torch.randn(nbytes // 4, dtype=torch.float32, device=device)
+    m = time_fn(lambda: src.sum(), device, _no_flush(policy))
+    read = src.numel() * 4
+    del src
+    return read / (m.p50_ms * 1e-3) / 1e9, m.p50_ms
 
 
 def measure_matmul_tflops(device: torch.device, size: int, dtype: torch.dtype, policy: TimingPolicy):
@@ -65,10 +85,12 @@ def measure(device: torch.device | str, quick: bool = False, small: bool = False
         policy = TimingPolicy(budget_s=0.3 if quick else 0.5, min_reps=3, max_reps=200,
                               warmup_s=0.0, min_warmup=1, flush_l2=False)
     gbps, copy_ms, moved = measure_copy_gbps(device, copy_bytes, policy)
+    read_gbps, read_ms = measure_read_gbps(device, copy_bytes // 2, policy)
     tflops, mm_ms = measure_matmul_tflops(device, mm_size, mm_dtype, policy)
     dname = str(mm_dtype).replace("torch.", "")
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return Ceilings(copy_gbps=gbps, copy_bytes=moved, matmul_tflops=tflops,
                     matmul_desc=f"{dname} {mm_size}x{mm_size}x{mm_size}",
-                    copy_p50_ms=copy_ms, matmul_p50_ms=mm_ms)
+                    copy_p50_ms=copy_ms, matmul_p50_ms=mm_ms, read_gbps=read_gbps,
+                    read_p50_ms=read_ms)

@@ -223,7 +223,8 @@ def achieved(metric: str, work, p50_ms: float) -> Optional[float]:
 
 
 def ceiling_for(metric: str, dtype: str, ceilings) -> Optional[float]:
-    """The measured ceiling a value of ``metric`` in ``dtype`` can be held against (or None)."""
+    """The measured ceiling a value of ``metric`` in ``dtype`` is reported as a % of (or None):
+    the copy bandwidth, or the same-dtype matmul rate."""
     if ceilings is None:
         return None
     if metric == BANDWIDTH:
@@ -231,6 +232,14 @@ def ceiling_for(metric: str, dtype: str, ceilings) -> Optional[float]:
     if metric == THROUGHPUT and ceilings.matmul_desc.split()[0] == dtype:
         return ceilings.matmul_tflops
     return None
+
+
+def plausibility_ceiling(metric: str, dtype: str, ceilings) -> Optional[float]:
+    """What a value of ``metric`` must not beat: bandwidth cells are held against the higher of
+    the copy and read rates (a read-only kernel can beat a copy), the rest as ``ceiling_for``."""
+    if ceilings is not None and metric == BANDWIDTH:
+        return ceilings.bandwidth_limit_gbps
+    return ceiling_for(metric, dtype, ceilings)
 
 
 # ---------------------------------------------------------------------------- providers
@@ -570,7 +579,7 @@ def measure_cell(timed: dict, cfg: SuiteConfig, policy: TimingPolicy, metric: st
 
     Returns {provider: (Measurement, flags, attempts, [p50 per repeat]) or an exception}.
     """
-    ceiling = ceiling_for(metric, dtype, cfg.ceilings)
+    ceiling = plausibility_ceiling(metric, dtype, cfg.ceilings)
     live = dict(timed)
     errors, kept, attempts = {}, {name: [] for name in timed}, {name: 0 for name in timed}
 

@@ -70,6 +70,14 @@ def finalize(records: Iterable, ceilings, meta: dict) -> list:
                          value=ceilings.copy_gbps, unit="GB/s", pct_of_ceiling=100.0,
                          speedup_vs_eager="", speedup_vs_compile="", status=OK, reps="",
                          bytes=ceilings.copy_bytes, note="read + write bytes"))
+        if ceilings.read_gbps == ceilings.read_gbps:  # measured
+            rows.append(dict(common, op=CEILING_OP, provider="torch", mode="read",
+                             shape=f"{ceilings.copy_bytes // 2}B", dtype="float32", device=device,
+                             p50_ms=ceilings.read_p50_ms, p20_ms="", p80_ms="", metric="bandwidth",
+                             value=ceilings.read_gbps, unit="GB/s",
+                             pct_of_ceiling=100.0 * ceilings.read_gbps / ceilings.copy_gbps,
+                             speedup_vs_eager="", speedup_vs_compile="", status=OK, reps="",
+                             bytes=ceilings.copy_bytes // 2, note="bytes read (sum)"))
         rows.append(dict(common, op=CEILING_OP, provider="torch", mode="matmul",
                          shape=ceilings.matmul_desc.split()[-1], dtype=ceilings.matmul_desc.split()[0],
                          device=device, p50_ms=ceilings.matmul_p50_ms, p20_ms="", p80_ms="",
@@ -380,7 +388,8 @@ def markdown(rows: list, meta: dict, compare_result: Optional[dict] = None,
             "`--repeat` runs. GB/s counts the op's minimal traffic (each input read once, each "
             "output written once); % is of the copy bandwidth above. A status other than ok is "
             "shown in bold; ⚠noisy = spread (p80 − p20) / p50 above the limit, ⚠above ceiling = "
-            "faster than the machine's measured ceiling allows (e.g. a cache-resident working set), "
+            "faster than the machine's measured ceiling allows (bandwidth: the higher of the copy "
+            "and read rates; e.g. a cache-resident working set), "
             "both after re-measuring. `spread` is the widest spread of the row's providers.", ""]
 
     for (op, mode, dtype, device), shapes in _groups(rows).items():

@@ -92,8 +92,9 @@ def test_default_policies():
 
 def test_cpu_ceilings_small():
     c = ceil_mod.measure("cpu", quick=True, small=True)
-    assert c.copy_gbps > 0 and c.matmul_tflops > 0
+    assert c.copy_gbps > 0 and c.matmul_tflops > 0 and c.read_gbps > 0
     assert c.copy_bytes == 2 * (4 << 20)                 # read + write of a 4 MB buffer
+    assert c.bandwidth_limit_gbps == max(c.copy_gbps, c.read_gbps)
     assert c.matmul_desc == "float32 128x128x128"
 
 
@@ -426,7 +427,7 @@ def test_cli_smoke_end_to_end(tmp_path):
     rows = report.read_csv(str(out / "results.csv"))
     ceil = [r for r in rows if r["op"] == report.CEILING_OP]
     body = [r for r in rows if r["op"] != report.CEILING_OP]
-    assert len(ceil) == 2
+    assert [r["mode"] for r in ceil] == ["copy", "read", "matmul"]
     assert len(body) == len(ln_suite.OPS) * 2 * 3 * 3         # ops x shapes x modes x providers
     assert {r["op"] for r in body} == set(ln_suite.OPS)
     assert {r["mode"] for r in body} == {"fwd", "bwd", "fwd+bwd"}

@@ -271,6 +271,25 @@ def test_cell_above_the_copy_ceiling_is_flagged(clock):
     assert any("above ceiling" in line for line in ticks.lines)     # a warning was printed
 
 
+def test_bandwidth_cells_are_held_against_the_higher_of_copy_and_read(clock):
+    """A read-only kernel can beat the copy rate (write-allocate): 1000 GB/s against a copy
+    ceiling of 10 and a read ceiling of 2000 is plausible, and its % stays of the copy rate."""
+    ceil = ceil_mod.Ceilings(copy_gbps=10.0, copy_bytes=1, matmul_tflops=1.0, matmul_desc="float32 8x8x8",
+                             read_gbps=2000.0)
+    assert ceil.bandwidth_limit_gbps == 2000.0
+    suite = fake_suite(metric=BANDWIDTH, ops=("rowsum",),
+                       providers=(Provider(EAGER, lambda op: (lambda x, f=_eager(op): (clock.spend(1e-3), f(x))[1]),
+                                           REFERENCE),),
+                       work=lambda op, mode, shape, dtype: 10 ** 9)        # 1 GB in 1 ms: 1000 GB/s
+    (r,) = suite.run(_cfg(policy=NOISY_POLICY, ceilings=ceil))
+    assert r.status == OK and not r.flag and r.attempts == 1
+    rows = report.finalize([r], ceil, {"device": "cpu"})
+    assert [row["mode"] for row in rows[:3]] == ["copy", "read", "matmul"]
+    assert rows[-1]["pct_of_ceiling"] == pytest.approx(1e4)
+    assert ceil_mod.Ceilings(copy_gbps=10.0, copy_bytes=1, matmul_tflops=1.0,
+                             matmul_desc="float32 8x8x8").bandwidth_limit_gbps == 10.0  # read not measured
+
+
 # ------------------------------------------------------------------------ --repeat
 
 def test_repeat_reports_the_median_of_the_medians(clock, monkeypatch):
