@@ -8,6 +8,8 @@
 // online softmax (running max m, running sum l, rescaling the accumulator once per block), and
 // each V row is loaded once and added into the G accumulators (32-byte vectors over the head dim).
 // Math in float32 (float64 for float64). Positions at or past a row's length are never touched.
+// bfloat16 with G > 1: each block's rows are widened to float once, into scratch rows that the G
+// queries read.
 //
 // Splits: when B * Hkv items would leave threads idle, each row's prefix is cut into `nsplit`
 // equal parts whose (m, l, acc) partials go to a scratch buffer and are combined per (b, h):
@@ -168,9 +170,77 @@ PYDL_INLINE A block_sum(const A* p, int64_t n) {
   return r;
 }
 
-// Scratch of one work item, in accumulation-type elements.
-inline int64_t scratch_size(int64_t G, int64_t E, int64_t Ev) {
+// Scratch of one work item, in accumulation-type elements: (G, E) scaled queries, (G, kBlock)
+// scores, the item's own (m, l, acc) (G * (Ev + 2)), then, for widened blocks (see split_pass),
+// the block's K rows (kBlock, E) and V rows (kBlock, Ev) in the accumulation type.
+inline int64_t widened_rows_offset(int64_t G, int64_t E, int64_t Ev) {
   return G * E + G * kBlock + G * (Ev + 2);
+}
+inline int64_t scratch_size(int64_t G, int64_t E, int64_t Ev, bool widen) {
+  return widened_rows_offset(G, E, Ev) + (widen ? kBlock * (E + Ev) : 0);
+}
+
+// Whether a work item of G queries per KV head widens its blocks' rows once (split_pass).
+template <typename T>
+constexpr bool widens_rows(int64_t G) {
+  return !std::is_same_v<T, acc_t<T>> && G > 1;
+}
+
+// Rows [0, n) of `src` (row stride `stride`, storage type T) as (n, d) contiguous rows of the
+// accumulation type.
+template <typename T>
+PYDL_INLINE void widen_rows(const T* src, int64_t stride, int64_t n, int64_t d, acc_t<T>* dst) {
+  using VT = cpu::Vec<acc_t<T>>;
+  for (int64_t r = 0; r < n; ++r) {
+    const T* row = src + r * stride;
+    acc_t<T>* out = dst + r * d;
+    int64_t e = 0;
+    for (; e + VT::W <= d; e += VT::W) VT::store(out + e, cpu::load_widened(row + e));
+    for (; e < d; ++e) out[e] = to_acc(row[e]);
+  }
+}
+
+// Rows to prefetch while a block is read (prefetch_rows): with rows t..t+3 of the block, rows
+// first + t .. first + t + 3 (clipped to `end`) of `base`; none when base is null.
+template <typename T>
+struct PrefetchPlan {
+  const T* base = nullptr;
+  int64_t stride = 0, first = 0, end = 0, row_bytes = 0;
+  PYDL_INLINE void at(int64_t t) const {
+    if (base != nullptr) prefetch_rows(base, stride, std::min(end, first + t), std::min(end, first + t + 4), row_bytes);
+  }
+};
+
+// Scores p[g * kBlock + t] = qs_g . k_t of the block's n rows k_t = k0 + t * ks (stored as R), for
+// the G queries, 4 rows at a time, prefetching along (`pf`).
+template <typename R, typename A, typename P>
+PYDL_INLINE void block_scores(const A* qs, const R* k0, int64_t ks, int64_t n, int64_t G, int64_t E,
+                              A* p, const P& pf) {
+  int64_t t = 0;
+  for (; t + 4 <= n; t += 4) {
+    pf.at(t);
+    const R* kt = k0 + t * ks;
+    for (int64_t g = 0; g < G; ++g) dot4<R>(qs + g * E, kt, kt + ks, kt + 2 * ks, kt + 3 * ks, E, p + g * kBlock + t);
+  }
+  for (; t < n; ++t) {
+    for (int64_t g = 0; g < G; ++g) p[g * kBlock + t] = dot1<R>(qs + g * E, k0 + t * ks, E);
+  }
+}
+
+// acc[g * Ev + e] += sum_t p[g * kBlock + t] v_t[e] over the block's n rows v_t = v0 + t * vs
+// (stored as R), 4 rows at a time, prefetching along (`pf`).
+template <typename R, typename A, typename P>
+PYDL_INLINE void block_accumulate(A* acc, const A* p, const R* v0, int64_t vs, int64_t n, int64_t G,
+                                  int64_t Ev, const P& pf) {
+  int64_t t = 0;
+  for (; t + 4 <= n; t += 4) {
+    pf.at(t);
+    const R* vt = v0 + t * vs;
+    for (int64_t g = 0; g < G; ++g) axpy4<R>(acc + g * Ev, p + g * kBlock + t, vt, vt + vs, vt + 2 * vs, vt + 3 * vs, Ev);
+  }
+  for (; t < n; ++t) {
+    for (int64_t g = 0; g < G; ++g) axpy1<R>(acc + g * Ev, p[g * kBlock + t], v0 + t * vs, Ev);
+  }
 }
 
 // The online softmax of the G queries of KV head `kvh` of row b over positions [j0, j1).
@@ -187,8 +257,13 @@ PYDL_INLINE void split_pass(const DecodeAttentionArgs& a, int64_t b, int64_t kvh
   const int64_t Ev = kHeadDim ? kHeadDim : a.v_cache.sizes[3];
   // Software prefetch except for the cheapest row loop (see prefetch_rows).
   const bool prefetch = !(kHeadDim != 0 && G == 1 && std::is_same_v<T, A>);
+  // bfloat16 with G > 1 queries per KV head: each block's rows are widened once into float rows
+  // that the G queries then read (widening in registers for every query is G times the work).
+  const bool widen = widens_rows<T>(G);
   A* qs = scratch;         // (G, E) scaled queries
   A* p = qs + G * E;       // (G, kBlock) scores, then probabilities
+  A* kw = scratch + widened_rows_offset(G, E, Ev);  // (kBlock, E) widened K rows (widen only)
+  A* vw = kw + kBlock * E;                          // (kBlock, Ev) widened V rows
   const A scale = static_cast<A>(a.scale);
   for (int64_t g = 0; g < G; ++g) {
     const T* qg = a.q.ptr<const T>() + b * a.q.strides[0] + (kvh * G + g) * a.q.strides[1];
@@ -207,17 +282,15 @@ PYDL_INLINE void split_pass(const DecodeAttentionArgs& a, int64_t b, int64_t kvh
   const int64_t k_bytes = E * static_cast<int64_t>(sizeof(T)), v_bytes = Ev * static_cast<int64_t>(sizeof(T));
   for (int64_t jb = j0; jb < j1; jb += kBlock) {
     const int64_t n = std::min(kBlock, j1 - jb);
-    int64_t t = 0;  // scores: one read of each K row for all G queries, 4 rows at a time
-    for (; t + 4 <= n; t += 4) {
-      const T* k0 = kb + (jb + t) * ks;
-      if (prefetch) prefetch_rows(vb, vs, jb + t, jb + t + 4, v_bytes);
-      for (int64_t g = 0; g < G; ++g) {
-        dot4<T>(qs + g * E, k0, k0 + ks, k0 + 2 * ks, k0 + 3 * ks, E, p + g * kBlock + t);
-      }
-    }
-    for (; t < n; ++t) {
-      const T* k0 = kb + (jb + t) * ks;
-      for (int64_t g = 0; g < G; ++g) p[g * kBlock + t] = dot1<T>(qs + g * E, k0, E);
+    // scores: one read of each K row for all G queries
+    const PrefetchPlan<T> none;
+    if (widen) {
+      widen_rows(kb + jb * ks, ks, n, E, kw);
+      widen_rows(vb + jb * vs, vs, n, Ev, vw);
+      block_scores(qs, kw, E, n, G, E, p, none);
+    } else {  // the K pass prefetches this block's V rows
+      const PrefetchPlan<T> v_rows{prefetch ? vb : nullptr, vs, jb, j1, v_bytes};
+      block_scores(qs, kb + jb * ks, ks, n, G, E, p, v_rows);
     }
     for (int64_t g = 0; g < G; ++g) {  // online softmax update, once per block
       A* pg = p + g * kBlock;
@@ -238,19 +311,12 @@ PYDL_INLINE void split_pass(const DecodeAttentionArgs& a, int64_t b, int64_t kvh
         for (int64_t e = 0; e < Ev; ++e) ag[e] *= alpha;
       }
     }
-    t = 0;  // accumulation: one read of each V row for all G queries, 4 rows at a time
-    for (; t + 4 <= n; t += 4) {
-      const T* v0 = vb + (jb + t) * vs;
-      if (prefetch) {
-        prefetch_rows(kb, ks, std::min(j1, jb + kBlock + t), std::min(j1, jb + kBlock + t + 4), k_bytes);
-      }
-      for (int64_t g = 0; g < G; ++g) {
-        axpy4<T>(acc + g * Ev, p + g * kBlock + t, v0, v0 + vs, v0 + 2 * vs, v0 + 3 * vs, Ev);
-      }
-    }
-    for (; t < n; ++t) {
-      const T* v0 = vb + (jb + t) * vs;
-      for (int64_t g = 0; g < G; ++g) axpy1<T>(acc + g * Ev, p[g * kBlock + t], v0, Ev);
+    // accumulation: one read of each V row for all G queries
+    if (widen) {
+      block_accumulate(acc, p, vw, Ev, n, G, Ev, none);
+    } else {  // the V pass prefetches the next block's K rows
+      const PrefetchPlan<T> k_rows{prefetch ? kb : nullptr, ks, jb + kBlock, j1, k_bytes};
+      block_accumulate(acc, p, vb + jb * vs, vs, n, G, Ev, k_rows);
     }
   }
 }
@@ -330,9 +396,9 @@ void run(const DecodeAttentionArgs& a, const std::vector<int64_t>& lens, int num
   const auto pass = choose_split_pass<T>(E, Ev);
 #pragma omp parallel num_threads(threads) if (threads > 1)
   {
-    std::vector<A> scratch(static_cast<size_t>(scratch_size(G, E, Ev)));
+    std::vector<A> scratch(static_cast<size_t>(scratch_size(G, E, Ev, widens_rows<T>(G))));
     A* const work = scratch.data();
-    A* const own = work + G * E + G * kBlock;  // m, l, acc when unsplit
+    A* const own = work + G * E + G * kBlock;  // m, l, acc when unsplit (see scratch_size)
 #pragma omp for schedule(dynamic, 1)
     for (int64_t i = 0; i < items; ++i) {
       const int64_t r = i / nsplit, s = i % nsplit, b = r / Hkv, kvh = r % Hkv;
