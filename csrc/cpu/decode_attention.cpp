@@ -207,7 +207,8 @@ struct PrefetchPlan {
   const T* base = nullptr;
   int64_t stride = 0, first = 0, end = 0, row_bytes = 0;
   PYDL_INLINE void at(int64_t t) const {
-    if (base != nullptr) prefetch_rows(base, stride, std::min(end, first + t), std::min(end, first + t + 4), row_bytes);
+    if (base == nullptr) return;
+    prefetch_rows(base, stride, std::min(end, first + t), std::min(end, first + t + 4), row_bytes);
   }
 };
 
@@ -220,7 +221,9 @@ PYDL_INLINE void block_scores(const A* qs, const R* k0, int64_t ks, int64_t n, i
   for (; t + 4 <= n; t += 4) {
     pf.at(t);
     const R* kt = k0 + t * ks;
-    for (int64_t g = 0; g < G; ++g) dot4<R>(qs + g * E, kt, kt + ks, kt + 2 * ks, kt + 3 * ks, E, p + g * kBlock + t);
+    for (int64_t g = 0; g < G; ++g) {
+      dot4<R>(qs + g * E, kt, kt + ks, kt + 2 * ks, kt + 3 * ks, E, p + g * kBlock + t);
+    }
   }
   for (; t < n; ++t) {
     for (int64_t g = 0; g < G; ++g) p[g * kBlock + t] = dot1<R>(qs + g * E, k0 + t * ks, E);
@@ -236,7 +239,9 @@ PYDL_INLINE void block_accumulate(A* acc, const A* p, const R* v0, int64_t vs, i
   for (; t + 4 <= n; t += 4) {
     pf.at(t);
     const R* vt = v0 + t * vs;
-    for (int64_t g = 0; g < G; ++g) axpy4<R>(acc + g * Ev, p + g * kBlock + t, vt, vt + vs, vt + 2 * vs, vt + 3 * vs, Ev);
+    for (int64_t g = 0; g < G; ++g) {
+      axpy4<R>(acc + g * Ev, p + g * kBlock + t, vt, vt + vs, vt + 2 * vs, vt + 3 * vs, Ev);
+    }
   }
   for (; t < n; ++t) {
     for (int64_t g = 0; g < G; ++g) axpy1<R>(acc + g * Ev, p[g * kBlock + t], v0 + t * vs, Ev);
