@@ -52,7 +52,9 @@ def test_dry_run_end_to_end(tmp_path):
     out = tmp_path / "out"
     p, secs = _run(out, 170, GPU_CHECK_DRY_RUN="1")
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-2000:]
-    assert secs < 90, f"the dry run took {secs:.0f} s"
+    # ~70 s alone on the 2-core dev VM (each stage starts a Python that imports torch), 88 s beside
+    # the rest of the suite: the bound catches a stage list that grows, not host noise.
+    assert secs < 150, f"the dry run took {secs:.0f} s"
     block = _last_block(p.stdout)  # the summary table comes last
     assert "PASS" in block[0] and block[-1].startswith("report: ")
     for stage in ("env", "build", "layer_norm:cuda", "layer_norm:triton", "layer_norm:check",
