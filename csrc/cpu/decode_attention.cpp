@@ -267,8 +267,9 @@ PYDL_INLINE void split_pass(const DecodeAttentionArgs& a, int64_t b, int64_t kvh
   const bool widen = widens_rows<T>(G);
   A* qs = scratch;         // (G, E) scaled queries
   A* p = qs + G * E;       // (G, kBlock) scores, then probabilities
-  A* kw = scratch + widened_rows_offset(G, E, Ev);  // (kBlock, E) widened K rows (widen only)
-  A* vw = kw + kBlock * E;                          // (kBlock, Ev) widened V rows
+  // (kBlock, E) widened K rows, then (kBlock, Ev) V rows: only allocated when widening.
+  A* kw = widen ? scratch + widened_rows_offset(G, E, Ev) : nullptr;
+  A* vw = widen ? kw + kBlock * E : nullptr;
   const A scale = static_cast<A>(a.scale);
   for (int64_t g = 0; g < G; ++g) {
     const T* qg = a.q.ptr<const T>() + b * a.q.strides[0] + (kvh * G + g) * a.q.strides[1];

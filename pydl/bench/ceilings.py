@@ -2,7 +2,7 @@
 
 copy bandwidth: ``dst.copy_(src)`` of a large buffer, counting bytes read + bytes written
     (CUDA: 2 GiB each way; CPU: 256 MB). The % of ceiling of every bandwidth cell is of this.
-read bandwidth: ``src.sum()`` of the same buffer, counting the bytes read. A read-only kernel
+read bandwidth: ``src.sum()`` of the copy's source buffer, counting the bytes read. A read-only kernel
     (decode attention reading a KV cache) can beat the copy rate: on a CPU each store of a copy
     first reads its destination line (write-allocate), which the copy's byte count does not see.
     The plausibility check holds bandwidth cells against the higher of the two.
@@ -11,6 +11,7 @@ matmul rate: ``a @ b`` on random data (CUDA: bf16 8192^3; CPU: fp32 2048^3), 2·
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 
 import torch
@@ -30,30 +31,29 @@ class Ceilings:
     read_p50_ms: float = float("nan")
 
     @property
+    def has_read(self) -> bool:
+        return not math.isnan(self.read_gbps)
+
+    @property
     def bandwidth_limit_gbps(self) -> float:
         """The highest bandwidth measured (copy or read): what no bandwidth cell can beat."""
-        return max(self.copy_gbps, self.read_gbps) if self.read_gbps == self.read_gbps else self.copy_gbps
+        return max(self.copy_gbps, self.read_gbps) if self.has_read else self.copy_gbps
 
 
-def measure_copy_gbps(device: torch.device, nbytes: int, policy: TimingPolicy):
-    """Returns (GB/s counting read + write, p50 ms)."""
+def measure_bandwidth(device: torch.device, nbytes: int, policy: TimingPolicy):
+    """Returns (copy GB/s counting read + write, copy p50 ms, bytes moved per copy, read GB/s of
+    ``src.sum()`` over the copy's source, read p50 ms)."""
     n = nbytes // 4
     src = torch.randn(n, dtype=torch.float32, device=device)
     dst = torch.empty_like(src)
     # The source is far larger than any L2, so no flush is needed (and it would only add time).
-    m = time_fn(lambda: dst.copy_(src), device, _no_flush(policy))
-    moved = 2 * n * 4
-    del src, dst
-    return moved / (m.p50_ms * 1e-3) / 1e9, m.p50_ms, moved
-
-
-def measure_read_gbps(device: torch.device, nbytes: int, policy: TimingPolicy):
-    """Returns (GB/s of ``src.sum()`` over ``nbytes`` of float32, counting the bytes read, p50 ms)."""
-    src = torch.randn(nbytes // 4, dtype=torch.float32, device=device)
-    m = time_fn(lambda: src.sum(), device, _no_flush(policy))
-    read = src.numel() * 4
+    copy = time_fn(lambda: dst.copy_(src), device, _no_flush(policy))
+    del dst
+    read = time_fn(lambda: src.sum(), device, _no_flush(policy))
     del src
-    return read / (m.p50_ms * 1e-3) / 1e9, m.p50_ms
+    moved = 2 * n * 4
+    gbps = lambda nb, ms: nb / (ms * 1e-3) / 1e9  # noqa: E731
+    return gbps(moved, copy.p50_ms), copy.p50_ms, moved, gbps(n * 4, read.p50_ms), read.p50_ms
 
 
 def measure_matmul_tflops(device: torch.device, size: int, dtype: torch.dtype, policy: TimingPolicy):
@@ -84,8 +84,7 @@ def measure(device: torch.device | str, quick: bool = False, small: bool = False
         mm_size, mm_dtype = (128 if small else 2048), torch.float32
         policy = TimingPolicy(budget_s=0.3 if quick else 0.5, min_reps=3, max_reps=200,
                               warmup_s=0.0, min_warmup=1, flush_l2=False)
-    gbps, copy_ms, moved = measure_copy_gbps(device, copy_bytes, policy)
-    read_gbps, read_ms = measure_read_gbps(device, copy_bytes // 2, policy)
+    gbps, copy_ms, moved, read_gbps, read_ms = measure_bandwidth(device, copy_bytes, policy)
     tflops, mm_ms = measure_matmul_tflops(device, mm_size, mm_dtype, policy)
     dname = str(mm_dtype).replace("torch.", "")
     if device.type == "cuda":

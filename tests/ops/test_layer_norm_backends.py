@@ -5,7 +5,10 @@ the reason), N above the kernels' limit, and $PYDL_BACKEND (read once, at import
 
 from __future__ import annotations
 
+import importlib
+
 import pytest
+import torch
 import torch.nn.functional as F
 
 import pydl
@@ -134,10 +137,6 @@ def test_env_var_is_read_once(monkeypatch, force_env):
 def test_kernel_buffers_follow_x_not_the_default_device():
     """The row statistics are allocated on x's device even when torch's default device is another
     one (a meta or CUDA stats buffer handed to the CPU kernel would be a wrong pointer)."""
-    import importlib
-
-    import torch
-
     ln = importlib.import_module("pydl.ops.layer_norm")
     x = torch.randn(4, 8, requires_grad=True)
     g = torch.randn(4, 8)
