@@ -22,8 +22,9 @@
 // Row kernels are compiled once per instruction-set level and chosen at run time (the package
 // is built for baseline x86-64, so without this the kernels would never use AVX). Dispatch is
 // explicit: GCC's target_clones("arch=...") matches CPU *models* and would send e.g. AMD Zen 4
-// to the baseline version.
-#if defined(__x86_64__) && defined(__GNUC__)
+// to the baseline version. PYDL_SINGLE_ISA_LEVEL (the sanitizer build, which is compiled with
+// -march=native for the machine that runs it) compiles each body once.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(PYDL_SINGLE_ISA_LEVEL)
 #define PYDL_HAVE_ISA_LEVELS 1
 #define PYDL_TARGET_AVX512 __attribute__((target("avx512f,avx512vl,avx512bw,avx512dq,avx2,fma,bmi2,f16c")))
 #define PYDL_TARGET_AVX2 __attribute__((target("avx2,fma,bmi2,f16c")))
