@@ -2,10 +2,10 @@
 
 copy bandwidth: ``dst.copy_(src)`` of a large buffer, counting bytes read + bytes written
     (CUDA: 2 GiB each way; CPU: 256 MB). The % of ceiling of every bandwidth cell is of this.
-read bandwidth: ``src.sum()`` of the copy's source buffer, counting the bytes read. A read-only kernel
-    (decode attention reading a KV cache) can beat the copy rate: on a CPU each store of a copy
-    first reads its destination line (write-allocate), which the copy's byte count does not see.
-    The plausibility check holds bandwidth cells against the higher of the two.
+read bandwidth: ``src.sum()`` of the copy's source buffer, counting the bytes read. A read-only
+    kernel (decode attention reading a KV cache) can beat the copy rate: on a CPU each store of a
+    copy first reads its destination line (write-allocate), which the copy's byte count does not
+    see. The plausibility check holds bandwidth cells against the higher of the two.
 matmul rate: ``a @ b`` on random data (CUDA: bf16 8192^3; CPU: fp32 2048^3), 2·M·N·K flops.
 """
 
